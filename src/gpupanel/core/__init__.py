@@ -1,0 +1,1 @@
+"""Pure data and rules: dataclasses, estimators, warning rules, routing. No I/O, no threads."""
