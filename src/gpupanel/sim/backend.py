@@ -29,7 +29,9 @@ class SimulatedGpuBackend:
         workstation.save(directory)
 
     @classmethod
-    def from_spec(cls, spec: str | None = None, directory: Path | None = None) -> SimulatedGpuBackend:
+    def from_spec(
+        cls, spec: str | None = None, directory: Path | None = None
+    ) -> SimulatedGpuBackend:
         """Use `spec` if given, else the workstation already recorded in the sim dir, else the default."""
         directory = sim_dir() if directory is None else directory
         recorded = Workstation.load_recorded(directory) if not spec else None
@@ -54,7 +56,9 @@ class SimulatedGpuBackend:
                     uuid=g.uuid,
                     index=g.index,
                     name=g.name,
-                    memory=Memory(total=g.memory_total, used=mem_used, free=g.memory_total - mem_used),
+                    memory=Memory(
+                        total=g.memory_total, used=mem_used, free=g.memory_total - mem_used
+                    ),
                     utilization=Utilization(gpu=round(load * 100), memory=round(load * 60)),
                     power_w=round(g.idle_power_w + (g.power_limit_w - g.idle_power_w) * load, 1),
                     power_limit_w=g.power_limit_w,

@@ -103,7 +103,10 @@ def _make_gpus(name: str, items: list[dict[str, Any]], source: str) -> Workstati
             raise ConfigError(f"{where}: field 'memory_gib' must be positive")
         card_name, power = _card(memory_gib)
         gpu_name = str(item.get("name", card_name))
-        uuid = str(item.get("uuid") or "GPU-" + str(uuidlib.uuid5(_NAMESPACE, f"{name}/{index}/{memory_gib:g}")))
+        uuid = str(
+            item.get("uuid")
+            or "GPU-" + str(uuidlib.uuid5(_NAMESPACE, f"{name}/{index}/{memory_gib:g}"))
+        )
         if not uuid.startswith("GPU-"):
             raise ConfigError(f"{where}: field 'uuid' must start with 'GPU-'")
         limit = float(item.get("power_limit_w", power))

@@ -1,0 +1,1 @@
+"""The HTTP app: management routes, proxy routes, host checks, error shapes."""

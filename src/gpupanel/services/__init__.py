@@ -1,0 +1,1 @@
+"""Members of the runtime loop: sampler, prober, supervisor, runtime."""

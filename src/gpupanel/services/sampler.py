@@ -1,0 +1,34 @@
+"""The sampler: one GPU sample plus one host sample make a telemetry Snapshot."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from gpupanel.adapters.host import HostProbe
+from gpupanel.core.gpu import GpuBackend
+from gpupanel.core.model import Snapshot
+
+
+class Sampler:
+    """Reads the GPU backend and the host probe; cheap enough to run every tick."""
+
+    def __init__(
+        self,
+        backend: GpuBackend,
+        host: HostProbe | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.host = HostProbe() if host is None else host
+        self.clock = clock
+
+    def snapshot(self, pids: Iterable[int] = (), ports: Iterable[int] = ()) -> Snapshot:
+        """A snapshot of all GPUs, and of the given process trees and ports on the host."""
+        gpus = self.backend.sample()
+        host = self.host.sample(pids, ports)
+        return Snapshot(time=self.clock(), simulated=self.backend.simulated, gpus=gpus, host=host)
+
+    def close(self) -> None:
+        """Release the GPU backend."""
+        self.backend.close()

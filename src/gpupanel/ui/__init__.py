@@ -1,0 +1,1 @@
+"""Jupyter widgets, magics and the PanelSource binder."""
