@@ -23,3 +23,11 @@ class GpuBackendError(GpuPanelError):
 
 class ConfigError(GpuPanelError):
     """A configuration or spec is invalid; the message names the file, item and field."""
+
+
+class RuntimeRequestError(GpuPanelError):
+    """A request to a worker's model server failed; the message names the worker."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,1 @@
+"""Model-server runtimes: Ollama, llama.cpp server, vLLM."""

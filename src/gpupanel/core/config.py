@@ -1,0 +1,250 @@
+"""The configuration (CONTRACT.md "Configuration"): parsed from plain data, validated.
+
+Pure: the caller reads the TOML file and passes the GPUs' UUIDs (in index order) so that a
+worker's `gpu` may be given as an index and is resolved to its UUID here. Every error names
+the source file, the worker and the field, and says what is expected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpupanel.errors import ConfigError
+
+RUNTIMES = ("ollama", "llamacpp", "vllm")
+DEFAULT_PANEL_PORT = 8765
+DEFAULT_WORKER_PORT = 11435
+_ID = re.compile(r"^[a-z0-9_-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What one worker should be: runtime, GPU (a UUID), port and launch details.
+
+    `command` replaces the runtime's executable (e.g. `["gpupanel", "sim", "ollama"]` for the
+    simulated Ollama); `args` are appended to the runtime's own arguments. `model_path`,
+    `context`, `parallel` and `alias` are for llama.cpp (and vLLM); `models` lists what is
+    expected on the worker (missing ones raise a warning).
+    """
+
+    id: str
+    runtime: str
+    gpu: str
+    port: int
+    models: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    model_path: str | None = None
+    context: int | None = None
+    parallel: int | None = None
+    alias: str | None = None
+    autostart: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PanelSettings:
+    """The control plane's own settings."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PANEL_PORT
+    state_dir: str | None = None
+    near_full_percent: float = 95.0
+    ready_timeout_s: float = 60.0
+    stop_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The panel settings and the workers, as validated from `source`."""
+
+    panel: PanelSettings
+    workers: tuple[WorkerSpec, ...]
+    source: str = "<default>"
+
+    def worker(self, worker_id: str) -> WorkerSpec | None:
+        """The spec of `worker_id`, if configured."""
+        return next((w for w in self.workers if w.id == worker_id), None)
+
+
+def default_config(gpus: Sequence[str], command: Sequence[str] = ()) -> Config:
+    """Zero-config: one Ollama worker per GPU, ids `gpu0...`, ports from 11435."""
+    workers = tuple(
+        WorkerSpec(
+            id=f"gpu{i}",
+            runtime="ollama",
+            gpu=uuid,
+            port=DEFAULT_WORKER_PORT + i,
+            command=tuple(command),
+        )
+        for i, uuid in enumerate(gpus)
+    )
+    return Config(panel=PanelSettings(), workers=workers)
+
+
+class _Fields:
+    """Typed reads of one table's fields with errors that name where the field is."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, known: set[str]) -> None:
+        self.data = data
+        self.where = where
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
+
+    def fail(self, name: str, expected: str) -> ConfigError:
+        return ConfigError(
+            f"{self.where}: field {name!r} must be {expected}, got {self.data[name]!r}"
+        )
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.data.get(name, default)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise self.fail(name, "a non-empty string")
+        return value
+
+    def integer(
+        self, name: str, default: int | None = None, lo: int = 1, hi: int = 2**31
+    ) -> int | None:
+        value = self.data.get(name, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.fail(name, f"an integer from {lo} to {hi}")
+        return value
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise self.fail(name, f"a number from {lo:g} to {hi:g}")
+        return float(value)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, "true or false")
+        return value
+
+    def texts(self, name: str) -> tuple[str, ...]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(name, "a list of strings")
+        return tuple(value)
+
+    def table(self, name: str) -> dict[str, str]:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict) or not all(
+            isinstance(v, (str, int, float)) for v in value.values()
+        ):
+            raise self.fail(name, 'a table of NAME = "value"')
+        return {str(k): str(v) for k, v in value.items()}
+
+
+_PANEL_FIELDS = {
+    "host",
+    "port",
+    "state_dir",
+    "near_full_percent",
+    "ready_timeout_s",
+    "stop_grace_s",
+}
+_WORKER_FIELDS = {
+    "id", "runtime", "gpu", "port", "models", "env", "command", "args",
+    "model_path", "context", "parallel", "alias", "autostart",
+}  # fmt: skip
+
+
+def _resolve_gpu(value: Any, gpus: Sequence[str], f: _Fields) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(gpus):
+            return gpus[value]
+        raise ConfigError(
+            f"{f.where}: field 'gpu' is index {value}, but this host has {len(gpus)} GPU(s)"
+        )
+    if isinstance(value, str) and value.isdigit():
+        return _resolve_gpu(int(value), gpus, f)
+    if isinstance(value, str) and value.startswith("GPU-"):
+        if gpus and value not in gpus:
+            raise ConfigError(
+                f"{f.where}: field 'gpu' is {value}, which is not on this host "
+                f"(GPUs: {', '.join(gpus)})"
+            )
+        return value
+    raise ConfigError(
+        f"{f.where}: field 'gpu' must be a GPU UUID ('GPU-...') or an index, got {value!r}"
+    )
+
+
+def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> Config:
+    """Validate `data` (the parsed TOML of `source`) against this host's GPUs."""
+    unknown = sorted(set(data) - {"panel", "workers"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown section {unknown[0]!r} (known: panel, workers)")
+    panel_data = data.get("panel", {})
+    if not isinstance(panel_data, dict):
+        raise ConfigError(f"{source}: [panel] must be a table")
+    p = _Fields(panel_data, f"{source}: [panel]", _PANEL_FIELDS)
+    panel = PanelSettings(
+        host=p.text("host", "127.0.0.1") or "127.0.0.1",
+        port=p.integer("port", DEFAULT_PANEL_PORT, 1, 65535) or DEFAULT_PANEL_PORT,
+        state_dir=p.text("state_dir"),
+        near_full_percent=p.number("near_full_percent", 95.0, 1, 100),
+        ready_timeout_s=p.number("ready_timeout_s", 60.0, 1, 3600),
+        stop_grace_s=p.number("stop_grace_s", 10.0, 0, 600),
+    )
+    raw_workers = data.get("workers")
+    if raw_workers is None:
+        return Config(panel=panel, workers=default_config(gpus).workers, source=source)
+    if not isinstance(raw_workers, list):
+        raise ConfigError(f"{source}: 'workers' must be an array of tables ([[workers]])")
+    workers: list[WorkerSpec] = []
+    for i, item in enumerate(raw_workers):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: workers[{i}] must be a table")
+        wid = item.get("id")
+        where = f"{source}: worker {wid!r}" if isinstance(wid, str) else f"{source}: workers[{i}]"
+        f = _Fields(item, where, _WORKER_FIELDS)
+        if not isinstance(wid, str) or not _ID.match(wid):
+            raise ConfigError(f"{where}: field 'id' must match [a-z0-9_-]+, got {wid!r}")
+        if any(w.id == wid for w in workers):
+            raise ConfigError(f"{where}: field 'id' is used by another worker; ids must be unique")
+        runtime = f.text("runtime", "ollama")
+        if runtime not in RUNTIMES:
+            raise ConfigError(
+                f"{where}: field 'runtime' must be one of {', '.join(RUNTIMES)}, got {runtime!r}"
+            )
+        if "gpu" not in item:
+            raise ConfigError(f"{where}: missing field 'gpu' (a GPU UUID or an index)")
+        port = f.integer("port", None, 1, 65535)
+        if port is None:
+            raise ConfigError(f"{where}: missing field 'port'")
+        if port == panel.port or any(w.port == port for w in workers):
+            raise ConfigError(
+                f"{where}: field 'port' {port} is already used by the panel or another worker"
+            )
+        spec = WorkerSpec(
+            id=wid,
+            runtime=runtime,
+            gpu=_resolve_gpu(item["gpu"], gpus, f),
+            port=port,
+            models=f.texts("models"),
+            env=f.table("env"),
+            command=f.texts("command"),
+            args=f.texts("args"),
+            model_path=f.text("model_path"),
+            context=f.integer("context"),
+            parallel=f.integer("parallel", None, 1, 1024),
+            alias=f.text("alias"),
+            autostart=f.flag("autostart", True),
+        )
+        if runtime == "llamacpp" and spec.model_path is None:
+            raise ConfigError(f"{where}: a llamacpp worker needs field 'model_path' (a .gguf file)")
+        if runtime == "vllm" and not spec.models:
+            raise ConfigError(f"{where}: a vllm worker needs field 'models' (the model it serves)")
+        workers.append(spec)
+    return Config(panel=panel, workers=tuple(workers), source=source)

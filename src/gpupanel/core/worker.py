@@ -1,0 +1,88 @@
+"""Worker state as the control plane reports it (CONTRACT.md "Worker"), and pin verification."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from gpupanel.core.model import GpuSample
+
+Status = Literal["stopped", "starting", "running", "unhealthy", "crashed"]
+Pin = Literal["verified", "wrong_gpu", "spilled", "unverified"]
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The last health probe: ok is None before the first one."""
+
+    ok: bool | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model resident in a worker (Ollama `/api/ps`)."""
+
+    name: str
+    size: int | None = None
+    size_vram: int | None = None
+    expires_at: str | None = None
+    context_length: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """One worker at one tick. `pin_gpus` lists the GPUs its process tree holds memory on."""
+
+    id: str
+    runtime: str
+    gpu_uuid: str
+    gpu_index: int | None
+    port: int
+    pid: int | None
+    status: Status
+    pin: Pin
+    base_url: str
+    health: Health = Health()
+    models_available: tuple[str, ...] = ()
+    models_loaded: tuple[LoadedModel, ...] = ()
+    owner: str | None = None
+    restarts: int = 0
+    pin_gpus: tuple[str, ...] = ()
+    adopted: bool = False
+    started_at: float | None = None
+    last_error: str | None = None
+    log_path: str | None = None
+
+
+def pin_verdict(
+    own_gpu: str, tree: Collection[int], gpus: tuple[GpuSample, ...]
+) -> tuple[Pin, tuple[str, ...]]:
+    """Where a worker's process tree holds GPU memory, and what that says about its pin.
+
+    verified: on its own GPU only; spilled: on its own GPU and others; wrong_gpu: only on
+    others; unverified: on no GPU yet (nothing loaded).
+    """
+    seen = tuple(g.uuid for g in gpus if any(p.pid in tree for p in g.processes))
+    if not seen:
+        return "unverified", seen
+    if seen == (own_gpu,):
+        return "verified", seen
+    if own_gpu in seen:
+        return "spilled", seen
+    return "wrong_gpu", seen
+
+
+def attribute_processes(
+    gpus: tuple[GpuSample, ...], trees: Mapping[str, Collection[int]]
+) -> tuple[GpuSample, ...]:
+    """The GPU samples with each process's `worker` set to the worker whose tree holds it."""
+    owner = {pid: wid for wid, tree in trees.items() for pid in tree}
+    if not owner:
+        return gpus
+    return tuple(
+        replace(g, processes=tuple(replace(p, worker=owner.get(p.pid)) for p in g.processes))
+        for g in gpus
+    )
