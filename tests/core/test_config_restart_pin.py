@@ -57,7 +57,10 @@ def test_full_worker_and_index_resolution() -> None:
 @pytest.mark.parametrize(
     ("worker", "message"),
     [
-        ({"id": "Bad Id", "gpu": 0, "port": 1}, "worker 'Bad Id': field 'id' must match [a-z0-9_-]+"),
+        (
+            {"id": "Bad Id", "gpu": 0, "port": 1},
+            "worker 'Bad Id': field 'id' must match [a-z0-9_-]+",
+        ),
         (
             {"id": "w", "gpu": 5, "port": 11500},
             "worker 'w': field 'gpu' is index 5, but this host has 2 GPU(s)",

@@ -31,16 +31,10 @@ def find_config(explicit: str | None = None) -> Path | None:
     return local if local.is_file() else None
 
 
-def load_config(
-    path: Path | None, gpus: Sequence[str], worker_command: Sequence[str] = ()
-) -> Config:
-    """The config in `path` validated against `gpus`, or the zero-config default.
-
-    `worker_command` is the default Ollama executable for zero-config workers (the
-    simulated Ollama when simulating).
-    """
+def load_config(path: Path | None, gpus: Sequence[str]) -> Config:
+    """The config in `path` validated against `gpus`, or the zero-config default."""
     if path is None:
-        return default_config(gpus, worker_command)
+        return default_config(gpus)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:

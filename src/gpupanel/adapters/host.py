@@ -34,8 +34,9 @@ class _Socket:
     inode: int
 
 
-def read_tcp_sockets(ports: set[int]) -> list[_Socket] | None:
-    """Listening and established TCP sockets whose local port is in `ports` (Linux /proc)."""
+def read_tcp_sockets(ports: set[int] | None) -> list[_Socket] | None:
+    """Listening and established TCP sockets whose local port is in `ports` (all if None),
+    from Linux /proc; None where /proc has no TCP tables."""
     found: list[_Socket] = []
     try:
         for table in _TCP_TABLES:
@@ -47,7 +48,7 @@ def read_tcp_sockets(ports: set[int]) -> list[_Socket] | None:
                     if state not in (_LISTEN, _ESTABLISHED):
                         continue
                     port = int(local[local.rfind(":") + 1 :], 16)
-                    if port in ports:
+                    if ports is None or port in ports:
                         found.append(_Socket(port, state == _LISTEN, int(fields[9])))
     except FileNotFoundError:
         return found or None
@@ -92,6 +93,28 @@ def child_pids(pid: int) -> list[int] | None:
 _PortView = tuple[dict[int, int], dict[int, set[int]], dict[int, int]]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, from /proc (psutil where /proc lacks children files)."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        children = child_pids(frontier.pop())
+        if children is None:
+            try:
+                return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+            except psutil.Error:
+                return [pid] if psutil.pid_exists(pid) else []
+        pids += children
+        frontier += children
+    return pids
+
+
+def listening_ports(pids: Iterable[int]) -> set[int]:
+    """The TCP ports on which any of `pids` listens."""
+    sockets = read_tcp_sockets(None) or []
+    listen = {s.inode: s.port for s in sockets if s.listening}
+    return {listen[i] for pid in pids for i in socket_inodes(pid) & listen.keys()}
+
+
 class HostProbe:
     """Samples the processes and ports the control plane watches. One instance per sampler."""
 
@@ -123,20 +146,7 @@ class HostProbe:
 
     def tree(self, pid: int) -> list[int]:
         """`pid` and all its descendants (empty if `pid` is gone)."""
-        if self._process(pid, root=True) is None:
-            return []
-        pids, frontier = [pid], [pid]
-        while frontier:
-            children = child_pids(frontier.pop())
-            if children is None:  # no /proc children files: ask psutil (reads every process)
-                root = self._process(pid)
-                try:
-                    return [pid] + [c.pid for c in root.children(recursive=True)] if root else []
-                except (*_GONE, psutil.AccessDenied):
-                    return [pid]
-            pids += children
-            frontier += children
-        return pids
+        return process_tree(pid) if self._process(pid, root=True) is not None else []
 
     def _tree_stats(self, pid: int, tree: list[int], listening: tuple[int, ...]) -> ProcessStats:
         cpu, rss, alive = 0.0, 0, []

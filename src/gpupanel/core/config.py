@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpupanel.errors import ConfigError
@@ -55,6 +55,7 @@ class PanelSettings:
     near_full_percent: float = 95.0
     ready_timeout_s: float = 60.0
     stop_grace_s: float = 10.0
+    restart_backoff_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +66,21 @@ class Config:
     workers: tuple[WorkerSpec, ...]
     source: str = "<default>"
 
+    def with_command(self, runtime: str, command: Sequence[str]) -> Config:
+        """This config with `command` as the executable of `runtime` workers that name none
+        (how `--simulate` swaps `ollama serve` for the simulated Ollama)."""
+        workers = tuple(
+            replace(w, command=tuple(command)) if w.runtime == runtime and not w.command else w
+            for w in self.workers
+        )
+        return replace(self, workers=workers)
+
     def worker(self, worker_id: str) -> WorkerSpec | None:
         """The spec of `worker_id`, if configured."""
         return next((w for w in self.workers if w.id == worker_id), None)
 
 
-def default_config(gpus: Sequence[str], command: Sequence[str] = ()) -> Config:
+def default_config(gpus: Sequence[str]) -> Config:
     """Zero-config: one Ollama worker per GPU, ids `gpu0...`, ports from 11435."""
     workers = tuple(
         WorkerSpec(
@@ -78,7 +88,6 @@ def default_config(gpus: Sequence[str], command: Sequence[str] = ()) -> Config:
             runtime="ollama",
             gpu=uuid,
             port=DEFAULT_WORKER_PORT + i,
-            command=tuple(command),
         )
         for i, uuid in enumerate(gpus)
     )
@@ -152,6 +161,7 @@ _PANEL_FIELDS = {
     "near_full_percent",
     "ready_timeout_s",
     "stop_grace_s",
+    "restart_backoff_s",
 }
 _WORKER_FIELDS = {
     "id", "runtime", "gpu", "port", "models", "env", "command", "args",
@@ -196,6 +206,7 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         near_full_percent=p.number("near_full_percent", 95.0, 1, 100),
         ready_timeout_s=p.number("ready_timeout_s", 60.0, 1, 3600),
         stop_grace_s=p.number("stop_grace_s", 10.0, 0, 600),
+        restart_backoff_s=p.number("restart_backoff_s", 1.0, 0.05, 600),
     )
     raw_workers = data.get("workers")
     if raw_workers is None:

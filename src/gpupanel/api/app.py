@@ -1,0 +1,33 @@
+"""The HTTP app: management API and (next) the proxy, behind the localhost guard."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp
+
+from gpupanel.api import panel
+from gpupanel.api.errors import panel_error
+from gpupanel.api.security import HostGuard
+
+if TYPE_CHECKING:
+    from gpupanel.services.runtime import ControlPlane
+
+
+def build_app(cp: ControlPlane) -> ASGIApp:
+    """The ASGI app of one control plane."""
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return panel_error(404, f"no route {request.method} {request.url.path}")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return panel_error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    app = Starlette(
+        routes=panel.routes(cp),
+        exception_handlers={404: not_found, 405: not_found, 500: server_error},
+    )
+    return HostGuard(app, frozenset({cp.config.panel.host}))

@@ -1,0 +1,124 @@
+"""The management API under /panel (CONTRACT.md "Management")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gpupanel.api.errors import panel_error
+from gpupanel.core.model import jsonable
+from gpupanel.errors import GpuPanelError
+from gpupanel.services.supervisor import WorkerError
+
+if TYPE_CHECKING:
+    from gpupanel.services.runtime import ControlPlane
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guarded(fn: Handler) -> Handler:
+    """Translate gpupanel errors into panel error responses; never a stack trace."""
+
+    async def handler(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except WorkerError as exc:
+            return panel_error(exc.status, str(exc))
+        except GpuPanelError as exc:
+            return panel_error(500, str(exc))
+
+    return handler
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise WorkerError(f"request body is not valid JSON: {exc}", status=400) from None
+    if not isinstance(body, dict):
+        raise WorkerError("request body must be a JSON object", status=400)
+    return body
+
+
+def routes(cp: ControlPlane) -> list[Route]:
+    """The /panel routes bound to one control plane."""
+
+    def workers_json() -> dict[str, Any]:
+        return {w.id: jsonable(w) for w in cp.snapshot.workers}
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": cp.version, "simulated": cp.simulated})
+
+    async def snapshot(request: Request) -> Response:
+        return JSONResponse(cp.snapshot.to_json())
+
+    async def workers(request: Request) -> Response:
+        return JSONResponse({"workers": workers_json()})
+
+    async def operate(request: Request) -> Response:
+        assert cp.supervisor is not None
+        worker_id, action = request.path_params["id"], request.path_params["action"]
+        sup = cp.supervisor
+        ops = {"start": sup.start, "stop": sup.stop, "restart": sup.restart}
+        if action not in ops:
+            return panel_error(404, f"unknown action {action!r}: use start, stop or restart")
+        sup.get(worker_id)  # 404 before anything else
+        result = await ops[action](worker_id)
+        await cp.refresh()
+        return JSONResponse(
+            {
+                "result": result if isinstance(result, str) else action + "ed",
+                "worker": workers_json()[worker_id],
+            }
+        )
+
+    async def ensure(request: Request) -> Response:
+        assert cp.supervisor is not None
+        started = await cp.supervisor.ensure()
+        await cp.refresh()
+        return JSONResponse({"started": started, "workers": workers_json()})
+
+    async def log_tail(request: Request) -> Response:
+        assert cp.supervisor is not None
+        from gpupanel.adapters.process import tail
+
+        worker_id = request.path_params["id"]
+        cp.supervisor.get(worker_id)
+        try:
+            lines = int(request.query_params.get("lines", "50"))
+        except ValueError:
+            return panel_error(400, "query parameter 'lines' must be an integer")
+        return JSONResponse(
+            {"worker": worker_id, "lines": tail(cp.supervisor.log_path(worker_id), lines)}
+        )
+
+    async def stop_pid(request: Request) -> Response:
+        assert cp.supervisor is not None
+        body = await _json_body(request)
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            return panel_error(400, "field 'force' must be true or false")
+        gpu_pids = {p.pid for g in cp.snapshot.gpus for p in g.processes}
+        result = await cp.supervisor.stop_pid(
+            request.path_params["pid"], force=force, gpu_pids=gpu_pids
+        )
+        await cp.refresh()
+        return JSONResponse({"result": result})
+
+    return [
+        Route("/panel/health", _guarded(health)),
+        Route("/panel/snapshot", _guarded(snapshot)),
+        Route("/panel/workers", _guarded(workers)),
+        Route("/panel/workers/ensure", _guarded(ensure), methods=["POST"]),
+        Route("/panel/workers/{id}/log", _guarded(log_tail)),
+        Route("/panel/workers/{id}/{action}", _guarded(operate), methods=["POST"]),
+        Route("/panel/processes/{pid:int}/stop", _guarded(stop_pid), methods=["POST"]),
+    ]

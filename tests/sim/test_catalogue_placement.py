@@ -1,0 +1,190 @@
+"""The simulated model catalogue, the KV-cache estimator and placement (pure functions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gpupanel.errors import ConfigError
+from gpupanel.sim.catalogue import BUILTIN, human_number, load_catalogue, lookup, normalise_name
+from gpupanel.sim.placement import (
+    GIB,
+    GRAPH_OVERHEAD,
+    default_num_ctx,
+    effective_num_ctx,
+    kv_cache_bytes,
+    model_bytes,
+    place,
+)
+
+# reference/models.md: "KV B/tok f16" (every layer at full context), None for the encoder
+MODELS_MD_KV_PER_TOKEN = {
+    "llama3.2:1b": 32768,
+    "llama3.2:3b": 114688,
+    "llama3.1:8b": 131072,
+    "llama3.1:70b": 327680,
+    "qwen2.5:0.5b": 12288,
+    "qwen2.5:7b": 57344,
+    "qwen2.5:14b": 196608,
+    "qwen2.5:32b": 262144,
+    "qwen2.5:72b": 327680,
+    "qwen3:8b": 147456,
+    "qwen3:30b-a3b": 98304,
+    "mistral:7b": 131072,
+    "mistral-nemo:12b": 163840,
+    "gemma2:9b": 344064,
+    "gemma2:27b": 376832,
+    "gemma3:4b": 139264,
+    "gemma3:12b": 393216,
+    "gemma3:27b": 507904,
+    "phi3:3.8b": 393216,
+    "phi4:14b": 204800,
+    "deepseek-r1:7b": 57344,
+    "deepseek-r1:32b": 262144,
+    "nomic-embed-text:latest": None,
+    "smollm2:135m": 23040,
+    "gpt-oss:20b": 49152,
+}
+
+
+def test_catalogue_has_the_25_models_of_models_md_with_their_shapes() -> None:
+    catalogue = load_catalogue()
+    assert set(catalogue) == set(MODELS_MD_KV_PER_TOKEN)
+    assert len(BUILTIN) == 25
+    for name, per_token in MODELS_MD_KV_PER_TOKEN.items():
+        spec = catalogue[name]
+        naive = 2 * spec.block_count * spec.head_count_kv * spec.kv_head_dim * 2
+        assert (None if spec.embedding_only else naive) == per_token, name
+
+
+def test_model_info_keys() -> None:
+    cat = load_catalogue()
+    info = cat["llama3.1:8b"].model_info()
+    assert info["general.architecture"] == "llama"
+    assert info["llama.block_count"] == 32
+    assert info["llama.attention.head_count"] == 32
+    assert info["llama.attention.head_count_kv"] == 8
+    assert info["llama.embedding_length"] == 4096
+    assert info["llama.context_length"] == 131072
+    assert "llama.attention.key_length" not in info  # head_dim = 4096 / 32 implicitly
+    gemma = cat["gemma3:12b"].model_info()
+    assert gemma["gemma3.attention.key_length"] == gemma["gemma3.attention.value_length"] == 256
+    assert gemma["gemma3.attention.sliding_window"] == 1024
+    assert cat["gpt-oss:20b"].model_info()["gptoss.expert_count"] == 32
+    assert cat["llama3.1:8b"].details()["parameter_size"] == "8.0B"
+    assert cat["qwen2.5:0.5b"].details()["parameter_size"] == "494.03M"
+
+
+def test_names_normalise_like_ollama() -> None:
+    assert normalise_name("Llama3.1:8B") == "llama3.1:8b"
+    assert normalise_name("nomic-embed-text") == "nomic-embed-text:latest"
+    assert normalise_name("registry.ollama.ai/library/qwen2.5:7b") == "qwen2.5:7b"
+    assert normalise_name("me/custom") == "me/custom:latest"
+    with pytest.raises(ValueError):
+        normalise_name("bad name!")
+    cat = load_catalogue()
+    assert lookup(cat, "nomic-embed-text") is cat["nomic-embed-text:latest"]
+    assert lookup(cat, "no-such-model") is None
+    assert human_number(70_000_000_000) == "70B"
+    assert human_number(137_000_000) == "137M"
+
+
+def test_catalogue_override_file(tmp_path: Path) -> None:
+    path = tmp_path / "cat.json"
+    path.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"name": "llama3.1:8b", "size": 5_000_000_000},
+                    {
+                        "name": "tiny:1b",
+                        "architecture": "llama",
+                        "parameters": 1_000_000_000,
+                        "quantization": "Q4_K_M",
+                        "size": 700_000_000,
+                        "block_count": 16,
+                        "embedding_length": 2048,
+                        "head_count": 32,
+                        "head_count_kv": 8,
+                        "context_length": 8192,
+                    },
+                ]
+            }
+        )
+    )
+    cat = load_catalogue(path)
+    assert cat["llama3.1:8b"].size == 5_000_000_000 and cat["llama3.1:8b"].block_count == 32
+    assert cat["tiny:1b"].kv_head_dim == 64 and len(cat) == 26
+    path.write_text(json.dumps({"include_builtin": False, "models": [{"name": "qwen2.5:7b"}]}))
+    assert list(load_catalogue(path)) == ["qwen2.5:7b"]
+    path.write_text(json.dumps([{"name": "new:1b", "architecture": "llama"}]))
+    with pytest.raises(ConfigError, match=r"models\[0\]: missing field"):
+        load_catalogue(path)
+    path.write_text(json.dumps([{"name": "llama3.1:8b", "layers": 3}]))
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_catalogue(path)
+
+
+def test_kv_estimator_worked_figures() -> None:
+    cat = load_catalogue()
+    # llama3.1:8b at 8,192 tokens, f16: 128 KiB a token = 1 GiB per slot (q8_0: 34 bytes
+    # per 32 elements, q4_0: 18 per 32, against 64 for f16)
+    assert kv_cache_bytes(cat["llama3.1:8b"], 8192) == GIB
+    assert kv_cache_bytes(cat["llama3.1:8b"], 8192, parallel=4) == 4 * GIB
+    assert kv_cache_bytes(cat["llama3.1:8b"], 8192, kv_cache_type="q8_0") == GIB * 34 // 64
+    assert kv_cache_bytes(cat["llama3.1:8b"], 8192, kv_cache_type="q4_0") == GIB * 18 // 64
+    # gemma3:12b at 32,768: 8 global layers at full context + 40 sliding layers at
+    # 1,024 + 512 (batch) tokens, 8 KiB a token each = ~2.65 GB (12 GiB if counted naively)
+    gemma = kv_cache_bytes(cat["gemma3:12b"], 32768)
+    assert gemma == 8 * 32768 * 8192 + 40 * 1536 * 8192 == 2_650_800_128
+    naive = 48 * 32768 * 8192
+    assert naive == 12 * GIB
+    # gemma2 counts full context everywhere; gpt-oss halves its layers at 4096 + batch
+    assert kv_cache_bytes(cat["gemma2:9b"], 8192) == 344064 * 8192
+    gpt = cat["gpt-oss:20b"]
+    per_layer_token = 2 * 8 * 64 * 2
+    assert kv_cache_bytes(gpt, 32768) == 12 * 32768 * per_layer_token + 12 * 4608 * per_layer_token
+    assert kv_cache_bytes(gpt, 2048) == 24 * 2048 * per_layer_token  # never above full context
+    assert kv_cache_bytes(cat["nomic-embed-text:latest"], 2048) == 0
+
+
+def test_default_context_by_vram() -> None:
+    cat = load_catalogue()
+    assert default_num_ctx(16 * GIB) == 4096
+    assert default_num_ctx(24 * GIB) == 32768
+    assert default_num_ctx(48 * GIB) == 262144
+    spec = cat["llama3.1:8b"]
+    assert effective_num_ctx(spec, None, 0, 48 * GIB) == 131072  # capped at the model's context
+    assert effective_num_ctx(spec, None, 0, 24 * GIB) == 32768
+    assert effective_num_ctx(spec, None, 8192, 48 * GIB) == 8192  # OLLAMA_CONTEXT_LENGTH
+    assert effective_num_ctx(spec, 2048, 8192, 48 * GIB) == 2048  # options.num_ctx wins
+    assert effective_num_ctx(cat["gemma2:9b"], 1_000_000, 0, GIB) == 8192
+    assert model_bytes(spec, 8192, 1, "f16") == spec.size + GIB + GRAPH_OVERHEAD
+
+
+def test_placement_single_spread_partial() -> None:
+    free = [("GPU-a", 24 * GIB), ("GPU-b", 48 * GIB)]
+    # fits: the single GPU with the most free memory
+    p = place(10 * GIB, 32, free)
+    assert p.gpu_bytes == {"GPU-b": 10 * GIB} and p.size_vram == p.size
+    # fits only across both: spread in proportion to free memory
+    p = place(60 * GIB, 80, free)
+    assert set(p.gpu_bytes) == {"GPU-a", "GPU-b"} and p.size_vram == 60 * GIB
+    assert p.gpu_bytes["GPU-b"] == 2 * p.gpu_bytes["GPU-a"]
+    # OLLAMA_SCHED_SPREAD spreads even what would fit on one
+    assert len(place(10 * GIB, 32, free, spread=True).gpu_bytes) == 2
+    # does not fit: whole layers on the GPUs, the rest on the CPU
+    p = place(100 * GIB, 80, free)
+    assert 0 < p.size_vram < p.size and p.cpu_bytes == p.size - p.size_vram
+    assert all(b <= f for (u, f) in free for v, b in p.gpu_bytes.items() if u == v)
+    # nothing visible, or num_gpu 0: all on the CPU
+    assert place(GIB, 16, []).size_vram == 0
+    assert place(GIB, 16, free, max_gpu_layers=0).size_vram == 0
+    # num_gpu limits the layers offloaded; the spill fault forces a share onto the CPU
+    p = place(10 * GIB, 32, free, max_gpu_layers=16)
+    assert 0 < p.size_vram < p.size
+    p = place(10 * GIB, 32, free, cpu_fraction=0.5)
+    per_layer = -(-(10 * GIB - GRAPH_OVERHEAD) // 32)
+    assert p.size_vram == GRAPH_OVERHEAD + 16 * per_layer
