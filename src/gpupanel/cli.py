@@ -93,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gpupanel.adapters.config_file import find_config, load_config
     from gpupanel.adapters.state import StateStore
+    from gpupanel.api.app import build_app
     from gpupanel.services.runtime import LOOPBACK, ControlPlane, bind_panel_socket
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -112,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     config = replace(config, panel=panel)
     store = StateStore(Path(panel.state_dir) if panel.state_dir else None)
-    plane = ControlPlane(config, backend, store)
+    plane = ControlPlane(config, backend, store, build_app)
     sock = bind_panel_socket(panel.host, panel.port)
     kind = "SIMULATED workstation" if backend.simulated else "workstation"
     print(f"gpupanel {__version__} on a {kind} with {len(gpus)} GPU(s); config: {config.source}")

@@ -81,12 +81,17 @@ def panel_env(tmp_path: Path, sim_dir: Path) -> dict[str, str]:
     return {**os.environ, "GPUPANEL_SIM_DIR": str(sim_dir), "XDG_STATE_HOME": str(state)}
 
 
+def kill_simulated(sim_dir: Path) -> None:
+    """Kill every process still running for this simulated workstation."""
+    for proc in psutil.process_iter(["environ"]):
+        with contextlib.suppress(psutil.Error):
+            env = proc.info["environ"] or {}
+            if env.get("GPUPANEL_SIM_DIR") == str(sim_dir) and proc.pid != os.getpid():
+                proc.kill()
+
+
 @pytest.fixture
 def leftover_guard(sim_dir: Path) -> Iterator[None]:
     """After the test: kill any simulated server still running for this sim dir."""
     yield
-    for proc in psutil.process_iter(["cmdline", "environ"]):
-        with contextlib.suppress(psutil.Error):
-            env = proc.info["environ"] or {}
-            if env.get("GPUPANEL_SIM_DIR") == str(sim_dir):
-                proc.kill()
+    kill_simulated(sim_dir)

@@ -225,7 +225,9 @@ def test_a_worker_that_keeps_crashing_is_reported_as_a_crash_loop(
     panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
     try:
         bad = wait_for(
-            lambda: (w := panel.worker("bad"))["last_error"] and "crash loop" in w["last_error"] and w,
+            lambda: (
+                (w := panel.worker("bad"))["last_error"] and "crash loop" in w["last_error"] and w
+            ),
             30,
             "a crash loop",
         )

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpupanel.api import panel
 from gpupanel.api.errors import panel_error
+from gpupanel.api.proxy import Proxy
 from gpupanel.api.security import HostGuard
 
 if TYPE_CHECKING:
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
 
 
 def build_app(cp: ControlPlane) -> ASGIApp:
-    """The ASGI app of one control plane."""
+    """The ASGI app of one control plane: the proxy's paths go straight to it."""
+    proxy = Proxy(cp)
+    cp.on_shutdown(proxy.close)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return panel_error(404, f"no route {request.method} {request.url.path}")
@@ -26,8 +29,16 @@ def build_app(cp: ControlPlane) -> ASGIApp:
     async def server_error(request: Request, exc: Exception) -> Response:
         return panel_error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    app = Starlette(
+    management = Starlette(
         routes=panel.routes(cp),
         exception_handlers={404: not_found, 405: not_found, 500: server_error},
     )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/proxy/") or path.startswith("/v1/")):
+            await proxy(scope, receive, send)
+        else:
+            await management(scope, receive, send)
+
     return HostGuard(app, frozenset({cp.config.panel.host}))

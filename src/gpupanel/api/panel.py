@@ -14,6 +14,7 @@ from gpupanel.api.errors import panel_error
 from gpupanel.core.model import jsonable
 from gpupanel.errors import GpuPanelError
 from gpupanel.services.supervisor import WorkerError
+from gpupanel.services.traffic import valid_app_name
 
 if TYPE_CHECKING:
     from gpupanel.services.runtime import ControlPlane
@@ -113,8 +114,37 @@ def routes(cp: ControlPlane) -> list[Route]:
         await cp.refresh()
         return JSONResponse({"result": result})
 
+    async def requests(request: Request) -> Response:
+        return JSONResponse({"requests": jsonable(cp.traffic.requests())})
+
+    async def apps(request: Request) -> Response:
+        return JSONResponse({"apps": jsonable(cp.traffic.app_infos())})
+
+    async def register_app(request: Request) -> Response:
+        body = await _json_body(request)
+        name, owner, workers = body.get("name"), body.get("owner"), body.get("workers", [])
+        if not isinstance(name, str) or not valid_app_name(name):
+            return panel_error(400, "field 'name' is required: 1-64 of A-Z a-z 0-9 _ . @ : / -")
+        if owner is not None and not isinstance(owner, str):
+            return panel_error(400, "field 'owner' must be a string")
+        if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
+            return panel_error(400, "field 'workers' must be a list of worker ids")
+        known = {w.id for w in cp.snapshot.workers}
+        unknown = [w for w in workers if w not in known]
+        if unknown:
+            return panel_error(
+                400,
+                f"field 'workers': no worker {unknown[0]!r} (workers: {', '.join(sorted(known))})",
+            )
+        info = cp.traffic.register(name, owner, workers)
+        await cp.refresh()
+        return JSONResponse({"app": jsonable(info)}, status_code=201)
+
     return [
         Route("/panel/health", _guarded(health)),
+        Route("/panel/requests", _guarded(requests)),
+        Route("/panel/apps", _guarded(apps)),
+        Route("/panel/apps", _guarded(register_app), methods=["POST"]),
         Route("/panel/snapshot", _guarded(snapshot)),
         Route("/panel/workers", _guarded(workers)),
         Route("/panel/workers/ensure", _guarded(ensure), methods=["POST"]),

@@ -34,7 +34,8 @@ class LoadedModel:
 
 @dataclass(frozen=True, slots=True)
 class WorkerState:
-    """One worker at one tick. `pin_gpus` lists the GPUs its process tree holds memory on."""
+    """One worker at one tick. `pin_gpus` lists the GPUs its process tree holds memory on;
+    `benched` is true while `/v1` routing skips it after failed live requests."""
 
     id: str
     runtime: str
@@ -51,6 +52,7 @@ class WorkerState:
     owner: str | None = None
     restarts: int = 0
     pin_gpus: tuple[str, ...] = ()
+    benched: bool = False
     adopted: bool = False
     started_at: float | None = None
     last_error: str | None = None

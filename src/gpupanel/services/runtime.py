@@ -16,12 +16,14 @@ import errno
 import logging
 import socket
 import threading
-from collections.abc import Coroutine, Generator, Iterable
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import httpx
 import uvicorn
+from starlette.types import ASGIApp
 
 from gpupanel import __version__
 from gpupanel.adapters.state import StateStore
@@ -32,6 +34,7 @@ from gpupanel.core.worker import WorkerState, attribute_processes, pin_verdict
 from gpupanel.errors import GpuPanelError
 from gpupanel.services.sampler import Sampler
 from gpupanel.services.supervisor import Managed, Supervisor
+from gpupanel.services.traffic import Traffic
 
 log = logging.getLogger("gpupanel.runtime")
 T = TypeVar("T")
@@ -74,9 +77,16 @@ class ControlPlane:
     """The runtime of one host: sampler + supervisor + HTTP app on one loop."""
 
     def __init__(
-        self, config: Config, backend: GpuBackend, store: StateStore, tick_s: float = 1.0
+        self,
+        config: Config,
+        backend: GpuBackend,
+        store: StateStore,
+        app_factory: Callable[[ControlPlane], ASGIApp],
+        tick_s: float = 1.0,
     ) -> None:
         self.config = config
+        self.app_factory = app_factory
+        self._on_shutdown: list[Callable[[], Awaitable[None]]] = []
         self.backend = backend
         self.store = store
         self.tick_s = tick_s
@@ -84,6 +94,7 @@ class ControlPlane:
         self.snapshot = Snapshot(time=0.0, simulated=backend.simulated, gpus=())
         self.version = __version__
         self.supervisor: Supervisor | None = None
+        self.traffic = Traffic()
         self.client: httpx.AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.url = f"http://{config.panel.host}:{config.panel.port}"
@@ -98,7 +109,9 @@ class ControlPlane:
 
     # ---- composing the snapshot ---------------------------------------------------------
 
-    def _worker_state(self, w: Managed, tree: Iterable[int], snap: Snapshot) -> WorkerState:
+    def _worker_state(
+        self, w: Managed, tree: Iterable[int], snap: Snapshot, owner: str | None
+    ) -> WorkerState:
         spec = w.spec
         pin, seen = pin_verdict(spec.gpu, set(tree), snap.gpus)
         gpu = snap.gpu(spec.gpu)
@@ -115,6 +128,7 @@ class ControlPlane:
             health=w.health,
             models_available=w.models.available,
             models_loaded=w.models.loaded,
+            owner=owner,
             restarts=w.restarts,
             pin_gpus=seen,
             adopted=w.adopted,
@@ -131,10 +145,22 @@ class ControlPlane:
         for w in self.supervisor.workers.values():
             stats = host.processes.get(w.handle.pid) if (host and w.handle) else None
             trees[w.spec.id] = stats.tree_pids if stats else ()
+        owners = self.traffic.owners()
+        benched = self.traffic.bench.benched(time.monotonic())
         workers = tuple(
-            self._worker_state(w, trees[w.spec.id], raw) for w in self.supervisor.workers.values()
+            replace(
+                self._worker_state(w, trees[w.spec.id], raw, owners.get(w.spec.id)),
+                benched=w.spec.id in benched,
+            )
+            for w in self.supervisor.workers.values()
         )
-        return replace(raw, gpus=attribute_processes(raw.gpus, trees), workers=workers)
+        return replace(
+            raw,
+            gpus=attribute_processes(raw.gpus, trees),
+            workers=workers,
+            requests=self.traffic.requests(),
+            apps=self.traffic.app_infos(),
+        )
 
     async def refresh(self) -> Snapshot:
         """Sample now and publish a new snapshot (also called after every worker operation)."""
@@ -155,14 +181,14 @@ class ControlPlane:
 
     async def run(self, sock: socket.socket, ensure: bool = True) -> None:
         """Serve until `stop()`: adopt recorded workers, start missing ones, tick, serve HTTP."""
-        from gpupanel.api.app import build_app
-
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
         self.supervisor = Supervisor(self.config, self.store, self.client)
         server = _Server(
-            uvicorn.Config(build_app(self), log_level="warning", lifespan="off", access_log=False)
+            uvicorn.Config(
+                self.app_factory(self), log_level="warning", lifespan="off", access_log=False
+            )
         )
         try:
             adopted = self.supervisor.adopt()
@@ -187,9 +213,15 @@ class ControlPlane:
             await serving
         finally:
             self.supervisor.save()
+            for close in self._on_shutdown:
+                await close()
             await self.client.aclose()
             self.sampler.close()
             sock.close()
+
+    def on_shutdown(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Have `close` awaited when the loop stops (e.g. the proxy's upstream pool)."""
+        self._on_shutdown.append(close)
 
     async def _ensure(self) -> None:
         assert self.supervisor is not None

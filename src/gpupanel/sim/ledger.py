@@ -44,9 +44,14 @@ class LedgerEntry:
 
 
 def process_create_time(pid: int) -> float | None:
-    """The start time of `pid` as psutil reports it, or None if there is no such process."""
+    """The start time of `pid` as psutil reports it, or None if there is no such live process
+    (a zombie counts as dead: it holds no memory, though init may not have reaped it yet)."""
     try:
-        return float(psutil.Process(pid).create_time())
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return float(proc.create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
 

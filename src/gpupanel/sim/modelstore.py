@@ -7,7 +7,6 @@ Several simulated servers may share one directory, as real ones share `~/.ollama
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -107,9 +106,3 @@ class ModelStore:
                 if not tag.startswith("."):
                     out.append(f"{repo}:{tag}")
         return sorted(out)
-
-    def clear(self) -> None:
-        """Forget every pulled model (tests)."""
-        for name in self.names():
-            with contextlib.suppress(OSError):
-                self.remove(name)

@@ -14,16 +14,14 @@ import random
 import struct
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from gpupanel.sim.catalogue import ModelSpec
+from gpupanel.sim.ollama_core import Generated, OllamaSim
 from gpupanel.sim.ollama_http import ApiError, dumps, read_json
 from gpupanel.sim.textgen import count_tokens, embedding
-
-if TYPE_CHECKING:
-    from gpupanel.sim.ollama import Generated, OllamaSim
 
 FINGERPRINT = "fp_ollama"
 

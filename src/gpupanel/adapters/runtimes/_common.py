@@ -69,6 +69,13 @@ def error_text(response: httpx.Response) -> str:
     return body[:200] if body else f"HTTP {response.status_code}"
 
 
+def status_judge(response: httpx.Response) -> str | None:
+    """Ready means HTTP 200; anything else is reported with the server's message."""
+    if response.status_code == 200:
+        return None
+    return f"HTTP {response.status_code}: {error_text(response)}"
+
+
 Judge = Callable[[httpx.Response], str | None]
 
 
@@ -101,13 +108,6 @@ class HttpRuntime:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(probe_timeout_s={self.probe_timeout_s:g})"
-
-
-def status_judge(response: httpx.Response) -> str | None:
-    """Ready means HTTP 200; anything else is reported with the server's message."""
-    if response.status_code == 200:
-        return None
-    return f"HTTP {response.status_code}: {error_text(response)}"
 
 
 async def request_json(

@@ -1,0 +1,378 @@
+"""The proxy: every worker behind one OpenAI-compatible endpoint (DESIGN.md section 5).
+
+- `/proxy/{worker}/...` passes any method, path, query and body to that worker;
+- `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` route by the body's `model`
+  to a healthy worker that has it, failing over before the first byte;
+- `/v1/models` lists the models of all healthy workers.
+
+A raw ASGI handler: the hot path reads the body once, forwards it with one pooled aiohttp
+client (httpx's pool was the bottleneck under concurrency, see benchmarks/README.md), and
+streams the answer back chunk by chunk as it arrives, with the ASGI server's backpressure.
+A client that hangs up cancels the upstream request at once. Every forwarded request is
+in the in-flight registry until it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+from starlette.types import Message, Receive, Scope, Send
+
+from gpupanel.core.routing import candidates
+from gpupanel.core.worker import WorkerState
+from gpupanel.services.traffic import InFlight, valid_app_name
+
+if TYPE_CHECKING:
+    from gpupanel.services.runtime import ControlPlane
+
+MAX_BODY = 32 * 1024 * 1024
+ROUTED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_DROP_REQUEST = frozenset(
+    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+     b"expect"}
+)  # fmt: skip
+_DROP_RESPONSE = frozenset(
+    {b"connection", b"keep-alive", b"proxy-authenticate", b"te", b"trailer", b"trailers",
+     b"transfer-encoding", b"upgrade", b"server", b"date"}
+)  # fmt: skip
+
+
+class ProxyError(Exception):
+    """An error answered to the client in its dialect, before any response byte was sent."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+class _Abandoned(Exception):
+    """The exchange cannot go on (the client left, or the worker failed mid-stream)."""
+
+
+class _UpstreamFailed(Exception):
+    """The worker could not be reached or refused before the first byte (failover is safe)."""
+
+
+def error_body(dialect: str, err: ProxyError) -> bytes:
+    """`{"error": {...}}` for OpenAI routes, `{"error": "..."}` for native Ollama routes."""
+    if dialect == "ollama":
+        return json.dumps({"error": err.message}).encode()
+    return json.dumps(
+        {"error": {"message": err.message, "type": err.kind, "param": None, "code": err.code}}
+    ).encode()
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise ProxyError(
+                413,
+                f"request body over the limit of {limit} bytes",
+                "invalid_request_error",
+                "body_too_large",
+            )
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Abandoned
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ProxyError(
+                413,
+                f"request body over the limit of {limit} bytes",
+                "invalid_request_error",
+                "body_too_large",
+            )
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return str(v.decode("latin-1"))
+    return None
+
+
+def _model_of(body: bytes) -> str | None:
+    """The `model` of a JSON body, for the registry; None if there is none (never raises)."""
+    if not body or b'"model"' not in body:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
+
+
+class Proxy:
+    """The ASGI handler for `/proxy/...` and `/v1/...`."""
+
+    def __init__(self, cp: ControlPlane, max_body: int = MAX_BODY) -> None:
+        self.cp = cp
+        self.max_body = max_body
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        worker_id, _, rest = path[7:].partition("/") if path.startswith("/proxy/") else ("", "", "")
+        dialect = "ollama" if rest.startswith("api/") else "openai"
+        try:
+            app = _header(scope, b"x-gpupanel-app")
+            if app is not None and not valid_app_name(app):
+                raise ProxyError(
+                    400,
+                    "header X-GPUPanel-App must be 1-64 of A-Z a-z 0-9 _ . @ : / -",
+                    "invalid_request_error",
+                )
+            if worker_id:
+                await self._per_worker(scope, receive, send, worker_id, "/" + rest, app)
+            elif path == "/v1/models" and scope["method"] == "GET":
+                await self._models(send)
+            elif path in ROUTED and scope["method"] == "POST":
+                await self._routed(scope, receive, send, app)
+            else:
+                raise ProxyError(404, f"no route {scope['method']} {path}", "not_found_error")
+        except ProxyError as err:
+            await _send_json(send, err.status, error_body(dialect, err))
+        except _Abandoned:
+            return
+
+    def _worker(self, worker_id: str) -> WorkerState:
+        for w in self.cp.snapshot.workers:
+            if w.id == worker_id:
+                return w
+        known = ", ".join(w.id for w in self.cp.snapshot.workers) or "none"
+        raise ProxyError(
+            404,
+            f"no worker {worker_id!r} (workers: {known})",
+            "not_found_error",
+            "worker_not_found",
+        )
+
+    async def _per_worker(
+        self, scope: Scope, receive: Receive, send: Send, worker_id: str, path: str, app: str | None
+    ) -> None:
+        worker = self._worker(worker_id)
+        if worker.status in ("stopped", "crashed") or worker.pid is None:
+            raise ProxyError(
+                503,
+                f"worker {worker_id} is {worker.status}: start it with `gpupanel workers start {worker_id}`",
+                "service_unavailable",
+                "worker_down",
+            )
+        body = await _read_body(scope, receive, self.max_body)
+        entry = self.cp.traffic.open(
+            worker.id, _model_of(body), app, scope["path"], scope["method"]
+        )
+        try:
+            await self._forward(scope, receive, send, worker, path, body, entry)
+        except _UpstreamFailed as exc:
+            entry.failed = True
+            raise ProxyError(
+                502,
+                f"worker {worker_id} (port {worker.port}) is not reachable: {exc}",
+                "bad_gateway",
+                "worker_unreachable",
+            ) from None
+        finally:
+            self.cp.traffic.close(entry)
+
+    async def _routed(self, scope: Scope, receive: Receive, send: Send, app: str | None) -> None:
+        body = await _read_body(scope, receive, self.max_body)
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise ProxyError(
+                400, f"request body is not valid JSON: {exc}", "invalid_request_error"
+            ) from None
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, str) or not model:
+            raise ProxyError(
+                400,
+                "field 'model' is required: the model to route to",
+                "invalid_request_error",
+                "model_required",
+            )
+        workers = self.cp.snapshot.workers
+        allowed = self.cp.traffic.allowed_workers(app)
+        choice = candidates(
+            workers,
+            model,
+            self.cp.traffic.in_flight(),
+            self.cp.traffic.bench.benched(time.monotonic()),
+            allowed,
+        )
+        if not choice:
+            serving = [
+                w.id
+                for w in workers
+                if model in w.models_available or any(m.name == model for m in w.models_loaded)
+            ]
+            if serving:
+                raise ProxyError(
+                    503,
+                    f"model {model!r} is on worker(s) {', '.join(serving)}, but none is healthy and available now",
+                    "service_unavailable",
+                    "no_healthy_worker",
+                )
+            raise ProxyError(
+                404,
+                f"model {model!r} is not available on any worker",
+                "not_found_error",
+                "model_not_found",
+            )
+        entry = self.cp.traffic.open(None, model, app, scope["path"], scope["method"])
+        failures: list[str] = []
+        try:
+            for worker in choice:
+                entry.worker = worker.id
+                try:
+                    await self._forward(scope, receive, send, worker, scope["path"], body, entry)
+                    self.cp.traffic.bench.succeeded(worker.id)
+                    return
+                except _UpstreamFailed as exc:
+                    self.cp.traffic.bench.failed(worker.id, time.monotonic())
+                    failures.append(f"{worker.id}: {exc}")
+            entry.failed = True
+            raise ProxyError(
+                502,
+                f"no worker could serve {model!r}: {'; '.join(failures)}",
+                "bad_gateway",
+                "workers_unreachable",
+            )
+        finally:
+            self.cp.traffic.close(entry)
+
+    async def _models(self, send: Send) -> None:
+        seen: dict[str, list[str]] = {}
+        for w in self.cp.snapshot.workers:
+            if w.status == "running":
+                for name in dict.fromkeys(
+                    [*w.models_available, *(m.name for m in w.models_loaded)]
+                ):
+                    seen.setdefault(name, []).append(w.id)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "gpupanel", "workers": ids}
+            for name, ids in sorted(seen.items())
+        ]
+        await _send_json(send, 200, json.dumps({"object": "list", "data": data}).encode())
+
+    # ---- the hot path ---------------------------------------------------------------------
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        worker: WorkerState,
+        path: str,
+        body: bytes,
+        entry: InFlight,
+    ) -> None:
+        """Send the request to `worker` and stream its answer back.
+
+        Raises _UpstreamFailed only before the first byte was sent to the client.
+        """
+        query = scope.get("query_string", b"")
+        url = f"http://127.0.0.1:{worker.port}{path}" + (
+            f"?{query.decode('latin-1')}" if query else ""
+        )
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in _DROP_REQUEST
+        ]
+        try:
+            upstream = await self.session.request(
+                scope["method"], url, data=body or None, headers=headers, allow_redirects=False
+            )
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise _UpstreamFailed(str(exc) or type(exc).__name__) from None
+        try:
+            if upstream.status == 503 and path in ROUTED:
+                raise _UpstreamFailed(
+                    f"busy (503): {(await upstream.read())[:200].decode(errors='replace')}"
+                )
+            out = [
+                (k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE
+            ]
+            out += [
+                (b"x-gpupanel-worker", worker.id.encode()),
+                (b"x-request-id", entry.id.encode()),
+            ]
+            await send({"type": "http.response.start", "status": upstream.status, "headers": out})
+            await self._stream(receive, send, upstream, entry)
+        finally:
+            upstream.release()
+
+    async def _stream(
+        self, receive: Receive, send: Send, upstream: aiohttp.ClientResponse, entry: InFlight
+    ) -> None:
+        """Copy the upstream body to the client; stop upstream at once if the client leaves."""
+
+        async def pump() -> None:
+            async for chunk in upstream.content.iter_any():
+                entry.chunks += 1
+                entry.bytes += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def hang_up() -> Message:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return message
+
+        copying = asyncio.ensure_future(pump())
+        watching = asyncio.ensure_future(hang_up())
+        try:
+            done, _ = await asyncio.wait((copying, watching), return_when=asyncio.FIRST_COMPLETED)
+            if copying in done:
+                copying.result()
+            else:
+                entry.failed = True
+                copying.cancel()
+                upstream.close()  # drop the upstream connection: the worker sees the hang-up
+                with contextlib.suppress(asyncio.CancelledError):
+                    await copying
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            entry.failed = True
+            upstream.close()
+            raise _Abandoned from None  # mid-stream upstream failure: the response is already started
+        finally:
+            watching.cancel()
