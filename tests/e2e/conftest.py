@@ -31,7 +31,7 @@ def wait_for(check: Callable[[], T | None], timeout: float = 20.0, what: str = "
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
+        with contextlib.suppress(httpx.TransportError, ConnectionError):
             last = check()
             if last:
                 return last

@@ -236,6 +236,10 @@ def test_a_worker_that_keeps_crashing_is_reported_as_a_crash_loop(
         restarts = bad["restarts"]
         time.sleep(1.5)
         assert panel.worker("bad")["restarts"] == restarts  # it stopped retrying
+        codes = {
+            (w["code"], w["subject"]) for w in panel.http.get("/panel/warnings").json()["warnings"]
+        }
+        assert ("crash_loop", "bad") in codes and ("endpoint_down", "bad") not in codes
         log_lines = panel.http.get("/panel/workers/bad/log").json()["lines"]
         assert any("exit_on_start" in line for line in log_lines)
     finally:

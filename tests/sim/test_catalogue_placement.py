@@ -12,9 +12,6 @@ from gpupanel.sim.catalogue import BUILTIN, human_number, load_catalogue, lookup
 from gpupanel.sim.placement import (
     GIB,
     GRAPH_OVERHEAD,
-    default_num_ctx,
-    effective_num_ctx,
-    kv_cache_bytes,
     model_bytes,
     place,
 )
@@ -127,43 +124,6 @@ def test_catalogue_override_file(tmp_path: Path) -> None:
         load_catalogue(path)
 
 
-def test_kv_estimator_worked_figures() -> None:
-    cat = load_catalogue()
-    # llama3.1:8b at 8,192 tokens, f16: 128 KiB a token = 1 GiB per slot (q8_0: 34 bytes
-    # per 32 elements, q4_0: 18 per 32, against 64 for f16)
-    assert kv_cache_bytes(cat["llama3.1:8b"], 8192) == GIB
-    assert kv_cache_bytes(cat["llama3.1:8b"], 8192, parallel=4) == 4 * GIB
-    assert kv_cache_bytes(cat["llama3.1:8b"], 8192, kv_cache_type="q8_0") == GIB * 34 // 64
-    assert kv_cache_bytes(cat["llama3.1:8b"], 8192, kv_cache_type="q4_0") == GIB * 18 // 64
-    # gemma3:12b at 32,768: 8 global layers at full context + 40 sliding layers at
-    # 1,024 + 512 (batch) tokens, 8 KiB a token each = ~2.65 GB (12 GiB if counted naively)
-    gemma = kv_cache_bytes(cat["gemma3:12b"], 32768)
-    assert gemma == 8 * 32768 * 8192 + 40 * 1536 * 8192 == 2_650_800_128
-    naive = 48 * 32768 * 8192
-    assert naive == 12 * GIB
-    # gemma2 counts full context everywhere; gpt-oss halves its layers at 4096 + batch
-    assert kv_cache_bytes(cat["gemma2:9b"], 8192) == 344064 * 8192
-    gpt = cat["gpt-oss:20b"]
-    per_layer_token = 2 * 8 * 64 * 2
-    assert kv_cache_bytes(gpt, 32768) == 12 * 32768 * per_layer_token + 12 * 4608 * per_layer_token
-    assert kv_cache_bytes(gpt, 2048) == 24 * 2048 * per_layer_token  # never above full context
-    assert kv_cache_bytes(cat["nomic-embed-text:latest"], 2048) == 0
-
-
-def test_default_context_by_vram() -> None:
-    cat = load_catalogue()
-    assert default_num_ctx(16 * GIB) == 4096
-    assert default_num_ctx(24 * GIB) == 32768
-    assert default_num_ctx(48 * GIB) == 262144
-    spec = cat["llama3.1:8b"]
-    assert effective_num_ctx(spec, None, 0, 48 * GIB) == 131072  # capped at the model's context
-    assert effective_num_ctx(spec, None, 0, 24 * GIB) == 32768
-    assert effective_num_ctx(spec, None, 8192, 48 * GIB) == 8192  # OLLAMA_CONTEXT_LENGTH
-    assert effective_num_ctx(spec, 2048, 8192, 48 * GIB) == 2048  # options.num_ctx wins
-    assert effective_num_ctx(cat["gemma2:9b"], 1_000_000, 0, GIB) == 8192
-    assert model_bytes(spec, 8192, 1, "f16") == spec.size + GIB + GRAPH_OVERHEAD
-
-
 def test_placement_single_spread_partial() -> None:
     free = [("GPU-a", 24 * GIB), ("GPU-b", 48 * GIB)]
     # fits: the single GPU with the most free memory
@@ -188,3 +148,8 @@ def test_placement_single_spread_partial() -> None:
     p = place(10 * GIB, 32, free, cpu_fraction=0.5)
     per_layer = -(-(10 * GIB - GRAPH_OVERHEAD) // 32)
     assert p.size_vram == GRAPH_OVERHEAD + 16 * per_layer
+
+
+def test_model_bytes_is_weights_plus_kv_plus_overhead() -> None:
+    spec = load_catalogue()["llama3.1:8b"]
+    assert model_bytes(spec, 8192, 1, "f16") == spec.size + GIB + GRAPH_OVERHEAD

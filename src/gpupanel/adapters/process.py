@@ -109,16 +109,16 @@ async def stop(handle: ProcessHandle, grace_s: float) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
     while loop.time() < deadline:
-        reap()
         if not is_alive(handle):
+            reap()  # a child of ours that just died is a zombie until collected
             return "terminated"
         await asyncio.sleep(0.05)
     _signal_group(handle.pid, signal.SIGKILL)
     for _ in range(100):
-        reap()
         if not is_alive(handle):
             break
         await asyncio.sleep(0.02)
+    reap()
     return "killed"
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gpupanel.api.errors import panel_error
 from gpupanel.core.model import jsonable
-from gpupanel.errors import GpuPanelError
+from gpupanel.errors import GpuPanelError, RuntimeRequestError
+from gpupanel.services.loader import LoadRequest, estimate_json
 from gpupanel.services.supervisor import WorkerError
 from gpupanel.services.traffic import valid_app_name
 
@@ -114,6 +115,9 @@ def routes(cp: ControlPlane) -> list[Route]:
         await cp.refresh()
         return JSONResponse({"result": result})
 
+    async def warnings(request: Request) -> Response:
+        return JSONResponse({"warnings": jsonable(cp.snapshot.warnings)})
+
     async def requests(request: Request) -> Response:
         return JSONResponse({"requests": jsonable(cp.traffic.requests())})
 
@@ -140,15 +144,97 @@ def routes(cp: ControlPlane) -> list[Route]:
         await cp.refresh()
         return JSONResponse({"app": jsonable(info)}, status_code=201)
 
+    def _int_param(request: Request, name: str) -> int | None:
+        raw = request.query_params.get(name)
+        if raw is None or raw == "":
+            return None
+        if not raw.isdigit() or int(raw) <= 0:
+            raise WorkerError(
+                f"query parameter {name!r} must be a positive integer, got {raw!r}", status=400
+            )
+        return int(raw)
+
+    async def estimate(request: Request) -> Response:
+        q = request.query_params
+        worker_id, model = q.get("worker"), q.get("model")
+        if not worker_id or not model:
+            return panel_error(400, "query parameters 'worker' and 'model' are required")
+        plan = await cp.loader.estimate(
+            worker_id,
+            model,
+            num_ctx=_int_param(request, "num_ctx"),
+            parallel=_int_param(request, "parallel"),
+            kv_cache_type=q.get("kv_cache_type") or None,
+        )
+        return JSONResponse({"worker": worker_id, "estimate": estimate_json(plan)})
+
+    async def load(request: Request) -> Response:
+        body = await _json_body(request)
+        model, keep_alive, num_ctx = body.get("model"), body.get("keep_alive"), body.get("num_ctx")
+        if not isinstance(model, str) or not model:
+            return panel_error(400, "field 'model' is required: the model to load")
+        if keep_alive is not None and (
+            isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))
+        ):
+            return panel_error(
+                400, "field 'keep_alive' must be seconds or a duration such as \"30m\""
+            )
+        if num_ctx is not None and (
+            isinstance(num_ctx, bool) or not isinstance(num_ctx, int) or num_ctx <= 0
+        ):
+            return panel_error(400, "field 'num_ctx' must be a positive integer (tokens)")
+        flags = {}
+        for name in ("exclusive", "force"):
+            flags[name] = body.get(name, False)
+            if not isinstance(flags[name], bool):
+                return panel_error(400, f"field {name!r} must be true or false")
+        req = LoadRequest(model=model, keep_alive=keep_alive, num_ctx=num_ctx, **flags)
+        return JSONResponse(await cp.loader.load(request.path_params["id"], req))
+
+    async def unload(request: Request) -> Response:
+        body = await _json_body(request)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return panel_error(400, "field 'model' is required: the model to unload")
+        return JSONResponse(await cp.loader.unload(request.path_params["id"], model))
+
+    async def pull(request: Request) -> Response:
+        body = await _json_body(request)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return panel_error(400, "field 'model' is required: the model to pull")
+        lines = cp.loader.pull(request.path_params["id"], model)
+        try:
+            first = await lines.__anext__()
+        except StopAsyncIteration:
+            first = {"status": "success"}
+        except RuntimeRequestError as exc:
+            return panel_error(exc.status or 502, str(exc))
+
+        async def stream() -> AsyncIterator[bytes]:
+            yield json.dumps(first).encode() + b"\n"
+            try:
+                async for line in lines:
+                    yield json.dumps(line).encode() + b"\n"
+            except GpuPanelError as exc:
+                yield json.dumps({"error": str(exc)}).encode() + b"\n"
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
     return [
         Route("/panel/health", _guarded(health)),
+        Route("/panel/estimate", _guarded(estimate)),
         Route("/panel/requests", _guarded(requests)),
+        Route("/panel/warnings", _guarded(warnings)),
         Route("/panel/apps", _guarded(apps)),
         Route("/panel/apps", _guarded(register_app), methods=["POST"]),
         Route("/panel/snapshot", _guarded(snapshot)),
         Route("/panel/workers", _guarded(workers)),
         Route("/panel/workers/ensure", _guarded(ensure), methods=["POST"]),
         Route("/panel/workers/{id}/log", _guarded(log_tail)),
+        Route("/panel/workers/{id}/load", _guarded(load), methods=["POST"]),
+        Route("/panel/workers/{id}/unload", _guarded(unload), methods=["POST"]),
+        Route("/panel/workers/{id}/pull", _guarded(pull), methods=["POST"]),
         Route("/panel/workers/{id}/{action}", _guarded(operate), methods=["POST"]),
         Route("/panel/processes/{pid:int}/stop", _guarded(stop_pid), methods=["POST"]),
     ]

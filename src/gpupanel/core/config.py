@@ -56,6 +56,8 @@ class PanelSettings:
     ready_timeout_s: float = 60.0
     stop_grace_s: float = 10.0
     restart_backoff_s: float = 1.0
+    load_margin_gib: float = 0.5
+    strict_loads: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,8 @@ _PANEL_FIELDS = {
     "ready_timeout_s",
     "stop_grace_s",
     "restart_backoff_s",
+    "load_margin_gib",
+    "strict_loads",
 }
 _WORKER_FIELDS = {
     "id", "runtime", "gpu", "port", "models", "env", "command", "args",
@@ -207,6 +211,8 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         ready_timeout_s=p.number("ready_timeout_s", 60.0, 1, 3600),
         stop_grace_s=p.number("stop_grace_s", 10.0, 0, 600),
         restart_backoff_s=p.number("restart_backoff_s", 1.0, 0.05, 600),
+        load_margin_gib=p.number("load_margin_gib", 0.5, 0, 1024),
+        strict_loads=p.flag("strict_loads", False),
     )
     raw_workers = data.get("workers")
     if raw_workers is None:
@@ -253,6 +259,12 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
             alias=f.text("alias"),
             autostart=f.flag("autostart", True),
         )
+        for name, field_name in (("CUDA_VISIBLE_DEVICES", "gpu"), ("OLLAMA_HOST", "port")):
+            if name in spec.env:
+                raise ConfigError(
+                    f"{where}: field 'env' must not set {name}: gpupanel sets it from field "
+                    f"{field_name!r} so the worker stays pinned and reachable"
+                )
         if runtime == "llamacpp" and spec.model_path is None:
             raise ConfigError(f"{where}: a llamacpp worker needs field 'model_path' (a .gguf file)")
         if runtime == "vllm" and not spec.models:

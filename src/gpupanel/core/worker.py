@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import math
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -14,11 +15,23 @@ Pin = Literal["verified", "wrong_gpu", "spilled", "unverified"]
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """The last health probe: ok is None before the first one."""
+    """The last health probe (ok is None before the first one), and latency percentiles
+    over the recent probes."""
 
     ok: bool | None = None
     latency_ms: float | None = None
     error: str | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +62,10 @@ class WorkerState:
     health: Health = Health()
     models_available: tuple[str, ...] = ()
     models_loaded: tuple[LoadedModel, ...] = ()
+    models_expected: tuple[str, ...] = ()
     owner: str | None = None
     restarts: int = 0
+    crash_loop: bool = False
     pin_gpus: tuple[str, ...] = ()
     benched: bool = False
     adopted: bool = False

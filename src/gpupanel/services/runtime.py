@@ -30,8 +30,10 @@ from gpupanel.adapters.state import StateStore
 from gpupanel.core.config import Config
 from gpupanel.core.gpu import GpuBackend
 from gpupanel.core.model import Snapshot
+from gpupanel.core.warnings import Thresholds, evaluate
 from gpupanel.core.worker import WorkerState, attribute_processes, pin_verdict
 from gpupanel.errors import GpuPanelError
+from gpupanel.services.loader import Loader
 from gpupanel.services.sampler import Sampler
 from gpupanel.services.supervisor import Managed, Supervisor
 from gpupanel.services.traffic import Traffic
@@ -95,6 +97,8 @@ class ControlPlane:
         self.version = __version__
         self.supervisor: Supervisor | None = None
         self.traffic = Traffic()
+        self.loader = Loader(self)
+        self.thresholds = Thresholds(near_full_percent=config.panel.near_full_percent)
         self.client: httpx.AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.url = f"http://{config.panel.host}:{config.panel.port}"
@@ -102,6 +106,12 @@ class ControlPlane:
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
+
+    def client_or_fail(self) -> httpx.AsyncClient:
+        """The HTTP client of the running loop (for worker calls)."""
+        if self.client is None:
+            raise GpuPanelError("the control plane is not running")
+        return self.client
 
     @property
     def simulated(self) -> bool:
@@ -128,8 +138,10 @@ class ControlPlane:
             health=w.health,
             models_available=w.models.available,
             models_loaded=w.models.loaded,
+            models_expected=spec.models,
             owner=owner,
             restarts=w.restarts,
+            crash_loop=w.crash_loop,
             pin_gpus=seen,
             adopted=w.adopted,
             started_at=w.started_at if w.handle else None,
@@ -154,13 +166,15 @@ class ControlPlane:
             )
             for w in self.supervisor.workers.values()
         )
-        return replace(
+        snap = replace(
             raw,
             gpus=attribute_processes(raw.gpus, trees),
             workers=workers,
             requests=self.traffic.requests(),
             apps=self.traffic.app_infos(),
         )
+        warnings = evaluate(snap, self.snapshot.warnings, raw.time, self.thresholds)
+        return replace(snap, warnings=warnings)
 
     async def refresh(self) -> Snapshot:
         """Sample now and publish a new snapshot (also called after every worker operation)."""

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,13 @@ from gpupanel.adapters.runtimes.registry import runtime_for
 from gpupanel.adapters.state import StateStore, WorkerRecord
 from gpupanel.core.config import Config, WorkerSpec
 from gpupanel.core.restart import RestartPolicy
-from gpupanel.core.worker import Health, Status
+from gpupanel.core.worker import Health, Status, percentile
 from gpupanel.errors import GpuPanelError
 
 log = logging.getLogger("gpupanel.supervisor")
 
 UNHEALTHY_AFTER = 2  # consecutive failed probes
+LATENCY_WINDOW = 60  # probes kept for the latency percentiles
 PROBE_TIMEOUT_S = 2.0
 
 
@@ -71,6 +73,7 @@ class Managed:
     failed_probes: int = 0
     models: Models = Models()
     probing: bool = False
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -351,13 +354,31 @@ class Supervisor:
             w.probing = False
         if w.lock.locked() or w.handle is None:
             return
-        w.health = Health(ok=probe.ok, latency_ms=probe.latency_ms, error=probe.error)
+        if probe.ok and probe.latency_ms is not None:
+            w.latencies.append(probe.latency_ms)
+        window = list(w.latencies)
+        w.health = Health(
+            ok=probe.ok,
+            latency_ms=probe.latency_ms,
+            error=probe.error,
+            latency_p50_ms=percentile(window, 50),
+            latency_p95_ms=percentile(window, 95),
+        )
         w.models = models
         w.failed_probes = 0 if probe.ok else w.failed_probes + 1
         if probe.ok:
             w.status = "running"
         elif w.failed_probes >= UNHEALTHY_AFTER:
             w.status = "unhealthy"
+
+    async def refresh_models(self, w: Managed) -> None:
+        """Read the worker's models now (after a load, unload or pull), not at the next probe."""
+        try:
+            w.models = await asyncio.wait_for(
+                w.runtime.models(self.client, w.spec), PROBE_TIMEOUT_S
+            )
+        except (asyncio.TimeoutError, GpuPanelError) as exc:
+            log.warning("worker %s: could not read its models: %s", w.spec.id, exc)
 
     # ---- process control ------------------------------------------------------------------
 

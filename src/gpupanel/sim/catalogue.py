@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpupanel.core.estimate import ModelShape
 from gpupanel.errors import ConfigError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*(:[a-z0-9][a-z0-9._-]*)?$")
@@ -78,9 +79,23 @@ class ModelSpec:
     capabilities: tuple[str, ...] = ("completion",)
 
     @property
+    def shape(self) -> ModelShape:
+        """What the KV-cache estimator needs (gpupanel.core.estimate)."""
+        return ModelShape(
+            architecture=self.architecture,
+            block_count=self.block_count,
+            head_count=self.head_count,
+            head_count_kv=self.head_count_kv,
+            embedding_length=self.embedding_length,
+            context_length=self.context_length,
+            head_dim=self.head_dim,
+            sliding_window=self.sliding_window,
+        )
+
+    @property
     def kv_head_dim(self) -> int:
         """The per-head key/value width used by the KV cache."""
-        return self.head_dim or self.embedding_length // self.head_count
+        return self.shape.kv_head_dim
 
     @property
     def embedding_only(self) -> bool:

@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gpupanel.core.estimate import effective_num_ctx
 from gpupanel.sim.catalogue import ModelSpec
 from gpupanel.sim.ledger import Ledger
 from gpupanel.sim.ollama_env import Settings
-from gpupanel.sim.placement import Placement, effective_num_ctx, model_bytes, place
+from gpupanel.sim.placement import Placement, model_bytes, place
 from gpupanel.sim.runner import Runner
 from gpupanel.sim.workstation import SimGpu
 
@@ -95,7 +96,9 @@ class Scheduler:
         return sum(g.memory_total for g in self.gpus)
 
     def num_ctx_for(self, spec: ModelSpec, requested: int | None) -> int:
-        return effective_num_ctx(spec, requested, self.settings.context_length, self.visible_vram)
+        return effective_num_ctx(
+            spec.context_length, requested, self.settings.context_length, self.visible_vram
+        )
 
     def free_memory(self) -> list[tuple[str, int]]:
         """(uuid, free bytes) of the GPUs this server places on, from the ledger."""

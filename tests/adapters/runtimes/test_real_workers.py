@@ -23,9 +23,17 @@ from .conftest import StartWorker, free_port, spec_for, wait_ready
 
 
 def assert_group_gone(handle: process.ProcessHandle) -> None:
+    """No process of the worker's group is left, zombies included (once reaped)."""
     assert not process.is_alive(handle)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(handle.pid, 0)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        process.reap()  # `stop` may return while our child is a zombie not yet collected
+        try:
+            os.killpg(handle.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"process group {handle.pid} still exists after stop")
 
 
 @pytest.mark.slow

@@ -12,6 +12,9 @@ unload models on request (`load`, `unload`).
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,6 +26,16 @@ from gpupanel.core.worker import LoadedModel
 from gpupanel.errors import RuntimeRequestError
 
 LOAD_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What a worker says about one of its models: size in bytes and GGUF-style metadata."""
+
+    size: int | None
+    model_info: dict[str, Any]
+
+
 KeepAlive = str | float | int
 
 
@@ -97,6 +110,52 @@ class OllamaRuntime(_common.HttpRuntime):
         """Drop `model` from memory now (`keep_alive: 0`); returns `done_reason: "unload"`."""
         body = {"model": model, "keep_alive": 0, "stream": False}
         return await self._generate(client, spec, body, timeout_s, f"unload {model}")
+
+    async def describe(self, client: httpx.AsyncClient, spec: WorkerSpec, model: str) -> ModelFacts:
+        """The model's size in bytes (`/api/tags`) and its `model_info` (`/api/show`),
+        what the VRAM estimator needs."""
+        tags, show = await asyncio.gather(
+            _common.request_json(client, spec, "GET", "/api/tags"),
+            _common.request_json(
+                client, spec, "POST", "/api/show", body={"model": model}, what=f"show {model}"
+            ),
+        )
+        names = (model, f"{model}:latest")
+        size = next(
+            (
+                _common.int_or_none(m.get("size"))
+                for m in _common.records(tags, "models")
+                if m.get("name") in names
+            ),
+            None,
+        )
+        info = show.get("model_info") if isinstance(show, dict) else None
+        return ModelFacts(size=size, model_info=info if isinstance(info, dict) else {})
+
+    async def pull(
+        self, client: httpx.AsyncClient, spec: WorkerSpec, model: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`/api/pull` progress lines as they stream (`{status, digest?, total?, completed?}`);
+        an error line or HTTP error raises `RuntimeRequestError`."""
+        url = self.base_url(spec) + "/api/pull"
+        what = f"worker {spec.id}: pull {model}"
+        try:
+            async with client.stream(
+                "POST", url, json={"model": model}, timeout=httpx.Timeout(30.0, read=None)
+            ) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    raise RuntimeRequestError(f"{what}: {_common.error_text(r)}", r.status_code)
+                async for raw in r.aiter_lines():
+                    if not raw.strip():
+                        continue
+                    line = json.loads(raw)
+                    if isinstance(line, dict) and isinstance(line.get("error"), str):
+                        raise RuntimeRequestError(f"{what}: {line['error']}")
+                    if isinstance(line, dict):
+                        yield line
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            raise RuntimeRequestError(f"{what}: {_common.describe(exc)}") from exc
 
     @staticmethod
     async def _generate(

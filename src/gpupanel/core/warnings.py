@@ -1,0 +1,182 @@
+"""Warning rules: pure functions over a snapshot (CONTRACT.md "Warning codes").
+
+Each warning has a stable code, a severity, the subject it is about (a worker id, a GPU
+UUID, a pid), a message that says what is wrong and what to do, and `since`: when the
+condition was first seen. A warning disappears as soon as its condition ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from gpupanel.core.model import GpuSample, Snapshot
+from gpupanel.core.worker import WorkerState
+
+Severity = Literal["info", "warning", "critical"]
+GIB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class Warning:
+    """One condition that needs attention."""
+
+    code: str
+    severity: Severity
+    subject: str
+    message: str
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """When a GPU counts as nearly full, hot, or at its power limit."""
+
+    near_full_percent: float = 95.0
+    hot_c: int = 85
+    power_limit_percent: float = 98.0
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GIB:.1f} GiB"
+
+
+def _gpu_name(gpu: GpuSample | None, uuid: str) -> str:
+    return f"GPU {gpu.index} ({uuid})" if gpu else uuid
+
+
+Finding = tuple[str, Severity, str, str]  # code, severity, subject, message
+
+
+def _worker_rules(w: WorkerState, snap: Snapshot) -> Iterator[Finding]:
+    gpu = snap.gpu(w.gpu_uuid)
+    if w.status == "crashed" and w.crash_loop:
+        yield (
+            "crash_loop",
+            "critical",
+            w.id,
+            (
+                f"worker {w.id} crashed {w.restarts + 1} times in a row and is no longer restarted; "
+                f"read its log (`GET /panel/workers/{w.id}/log`) and start it again. {w.last_error or ''}"
+            ).strip(),
+        )
+    elif w.status in ("crashed", "unhealthy"):
+        why = w.health.error or w.last_error or w.status
+        yield (
+            "endpoint_down",
+            "critical",
+            w.id,
+            (f"worker {w.id} on port {w.port} is {w.status}: {why}"),
+        )
+    if w.pin == "wrong_gpu":
+        yield (
+            "pinned_to_wrong_gpu",
+            "critical",
+            w.id,
+            (
+                f"worker {w.id} is pinned to {_gpu_name(gpu, w.gpu_uuid)} but its memory is on "
+                f"{', '.join(w.pin_gpus)}: the runtime ignores CUDA_VISIBLE_DEVICES (for Ollama "
+                "0.24-0.32 set OLLAMA_VULKAN=0); restart it after fixing"
+            ),
+        )
+    elif w.pin == "spilled":
+        yield (
+            "cross_gpu_memory",
+            "warning",
+            w.id,
+            (
+                f"worker {w.id} holds memory on {len(w.pin_gpus)} GPUs ({', '.join(w.pin_gpus)}), "
+                f"not only on its own {_gpu_name(gpu, w.gpu_uuid)}"
+            ),
+        )
+    for m in w.models_loaded:
+        if m.size is not None and m.size_vram is not None and m.size_vram < m.size:
+            on_cpu = m.size - m.size_vram
+            yield (
+                "model_on_cpu",
+                "warning",
+                f"{w.id}/{m.name}",
+                (
+                    f"{m.name} on worker {w.id} runs partly on the CPU ({_gib(on_cpu)} of "
+                    f"{_gib(m.size)} is not in VRAM): it will be slow; lower num_ctx or use a larger GPU"
+                ),
+            )
+    if w.status == "running" and w.health.ok:
+        have = set(w.models_available)
+        for name in w.models_expected:
+            if name not in have and f"{name}:latest" not in have:
+                yield (
+                    "missing_model",
+                    "warning",
+                    f"{w.id}/{name}",
+                    (
+                        f"worker {w.id} is expected to have {name} but does not; pull it "
+                        f"(`POST /panel/workers/{w.id}/pull`)"
+                    ),
+                )
+
+
+def _gpu_rules(g: GpuSample, t: Thresholds) -> Iterator[Finding]:
+    name = _gpu_name(g, g.uuid)
+    if g.lost:
+        yield "gpu_lost", "critical", g.uuid, f"{name} stopped answering the driver"
+        return
+    total, used = g.memory.total, g.memory.used
+    if total and used is not None and used * 100 >= total * t.near_full_percent:
+        yield (
+            "near_full_gpu",
+            "warning",
+            g.uuid,
+            (
+                f"{name} is {used * 100 / total:.0f} % full ({_gib(used)} of {_gib(total)}); "
+                "a longer prompt or another load may run out of memory"
+            ),
+        )
+    if g.temperature_c is not None and g.temperature_c >= t.hot_c:
+        yield (
+            "gpu_hot",
+            "warning",
+            g.uuid,
+            f"{name} is at {g.temperature_c} C (threshold {t.hot_c} C)",
+        )
+    if (
+        g.power_w is not None
+        and g.power_limit_w
+        and g.power_w * 100 >= g.power_limit_w * t.power_limit_percent
+    ):
+        yield (
+            "power_at_limit",
+            "info",
+            g.uuid,
+            (
+                f"{name} draws {g.power_w:.0f} W of its {g.power_limit_w:.0f} W limit: it may be throttled"
+            ),
+        )
+    for p in g.processes:
+        if p.worker is None:
+            yield (
+                "unmanaged_worker",
+                "warning",
+                f"pid:{p.pid}",
+                (
+                    f"pid {p.pid} holds {_gib(p.used_memory)} on {name} and is not a gpupanel worker; "
+                    f"stop it (`POST /panel/processes/{p.pid}/stop` with force) or leave it be"
+                ),
+            )
+
+
+def evaluate(
+    snap: Snapshot, previous: tuple[Warning, ...], now: float, thresholds: Thresholds = Thresholds()
+) -> tuple[Warning, ...]:
+    """The warnings of `snap`; each keeps the `since` of the same (code, subject) in `previous`."""
+    seen = {(w.code, w.subject): w.since for w in previous}
+    findings = [f for w in snap.workers for f in _worker_rules(w, snap)]
+    findings += [f for g in snap.gpus for f in _gpu_rules(g, thresholds)]
+    out: dict[tuple[str, str], Warning] = {}
+    for code, severity, subject, message in findings:
+        out.setdefault(
+            (code, subject),
+            Warning(code, severity, subject, message, seen.get((code, subject), now)),
+        )
+    return tuple(out.values())

@@ -1,0 +1,101 @@
+"""Warning rules over hand-made snapshots: each code fires on its condition and clears after."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gpupanel.core.model import GpuProcess, GpuSample, Memory, Snapshot, Utilization
+from gpupanel.core.warnings import Thresholds, evaluate
+from gpupanel.core.worker import Health, LoadedModel, WorkerState
+
+GIB = 1024**3
+
+
+def gpu(uuid: str = "GPU-a", used: int = 1 * GIB, **kw: object) -> GpuSample:
+    base = GpuSample(
+        uuid=uuid,
+        index=0,
+        name="card",
+        memory=Memory(24 * GIB, used, 24 * GIB - used),
+        utilization=Utilization(0, 0),
+        power_w=100.0,
+        power_limit_w=450.0,
+        temperature_c=40,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def worker(**kw: object) -> WorkerState:
+    base = WorkerState(
+        id="w0",
+        runtime="ollama",
+        gpu_uuid="GPU-a",
+        gpu_index=0,
+        port=11435,
+        pid=100,
+        status="running",
+        pin="verified",
+        base_url="http://127.0.0.1:8765/proxy/w0/v1",
+        health=Health(ok=True, latency_ms=1.0),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def codes(snap: Snapshot, previous: tuple = (), now: float = 10.0) -> dict[str, str]:
+    return {
+        w.code: w.subject for w in evaluate(snap, previous, now, Thresholds(near_full_percent=90))
+    }
+
+
+def snap(workers: tuple[WorkerState, ...] = (), gpus: tuple[GpuSample, ...] = (gpu(),)) -> Snapshot:
+    return Snapshot(time=0.0, simulated=True, gpus=gpus, workers=workers)
+
+
+def test_a_healthy_host_has_no_warnings() -> None:
+    assert codes(snap((worker(),))) == {}
+
+
+def test_each_worker_code_and_its_subject() -> None:
+    assert codes(snap((worker(status="crashed", pid=None, last_error="exited"),))) == {
+        "endpoint_down": "w0"
+    }
+    assert codes(snap((worker(status="unhealthy", health=Health(ok=False, error="timeout")),))) == {
+        "endpoint_down": "w0"
+    }
+    assert codes(snap((worker(status="crashed", crash_loop=True),))) == {"crash_loop": "w0"}
+    assert codes(snap((worker(pin="wrong_gpu", pin_gpus=("GPU-b",)),))) == {
+        "pinned_to_wrong_gpu": "w0"
+    }
+    assert codes(snap((worker(pin="spilled", pin_gpus=("GPU-a", "GPU-b")),))) == {
+        "cross_gpu_memory": "w0"
+    }
+    on_cpu = worker(models_loaded=(LoadedModel("big:70b", size=40 * GIB, size_vram=20 * GIB),))
+    assert codes(snap((on_cpu,))) == {"model_on_cpu": "w0/big:70b"}
+    missing = worker(
+        models_expected=("llama3.1:8b", "qwen2.5:7b"), models_available=("qwen2.5:7b",)
+    )
+    assert codes(snap((missing,))) == {"missing_model": "w0/llama3.1:8b"}
+    # an unprobed worker is not accused of missing models
+    assert codes(snap((replace(missing, health=Health()),))) == {}
+
+
+def test_each_gpu_code() -> None:
+    assert codes(snap(gpus=(gpu(used=22 * GIB),))) == {"near_full_gpu": "GPU-a"}
+    assert codes(snap(gpus=(gpu(temperature_c=90),))) == {"gpu_hot": "GPU-a"}
+    assert codes(snap(gpus=(gpu(power_w=449.0),))) == {"power_at_limit": "GPU-a"}
+    assert codes(snap(gpus=(GpuSample.lost_gpu("GPU-a", 0),))) == {"gpu_lost": "GPU-a"}
+    stranger = gpu(processes=(GpuProcess(pid=4242, used_memory=GIB, worker=None),))
+    assert codes(snap(gpus=(stranger,))) == {"unmanaged_worker": "pid:4242"}
+    ours = gpu(processes=(GpuProcess(pid=101, used_memory=GIB, worker="w0"),))
+    assert codes(snap(gpus=(ours,))) == {}
+
+
+def test_since_is_kept_while_the_condition_lasts_and_the_warning_clears_after() -> None:
+    bad = snap(gpus=(gpu(used=23 * GIB),))
+    first = evaluate(bad, (), now=100.0)
+    later = evaluate(bad, first, now=160.0)
+    assert [w.since for w in later] == [100.0]
+    assert "near_full_gpu" in later[0].code and "96 % full" in later[0].message
+    assert evaluate(snap(), later, now=170.0) == ()
+    again = evaluate(bad, (), now=200.0)
+    assert again[0].since == 200.0
