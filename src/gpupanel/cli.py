@@ -7,26 +7,17 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from gpupanel import __version__
-from gpupanel.core.gpu import GpuBackend
+from gpupanel._version import __version__
 from gpupanel.core.model import GpuSample, Snapshot
 from gpupanel.errors import GpuPanelError, NoDriverError
 
+if TYPE_CHECKING:
+    from gpupanel.ui.panel import Panel
+
 GIB = 1024**3
-
-
-def gpu_backend(simulate: str | None) -> GpuBackend:
-    """The simulated backend when `--simulate` was given (SPEC or ''), else NVML."""
-    if simulate is not None:
-        from gpupanel.sim.backend import SimulatedGpuBackend
-
-        return SimulatedGpuBackend.from_spec(simulate or None)
-    from gpupanel.adapters.nvml import NvmlBackend
-
-    return NvmlBackend()
 
 
 def _num(value: float | int | None, fmt: str, unit: str = "") -> str:
@@ -67,6 +58,7 @@ def format_snapshot(snap: Snapshot) -> str:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from gpupanel.api.plane import gpu_backend
     from gpupanel.services.sampler import Sampler
 
     sampler = Sampler(gpu_backend(args.simulate))
@@ -81,7 +73,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
-SIM_OLLAMA = (sys.executable, "-m", "gpupanel.sim.ollama")
 DEFAULT_URL = "http://127.0.0.1:8765"
 
 
@@ -89,31 +80,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
     import signal
-    from pathlib import Path
 
-    from gpupanel.adapters.config_file import find_config, load_config
-    from gpupanel.adapters.state import StateStore
-    from gpupanel.api.app import build_app
-    from gpupanel.services.runtime import LOOPBACK, ControlPlane, bind_panel_socket, run_loop
+    from gpupanel.api.plane import control_plane
+    from gpupanel.services.runtime import bind_panel_socket, run_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    backend = gpu_backend(args.simulate)
-    gpus = [g.uuid for g in backend.sample()]
-    config = load_config(find_config(args.config), gpus)
-    if args.simulate is not None:
-        config = config.with_command("ollama", SIM_OLLAMA)
-    panel = replace(
-        config.panel, host=args.host or config.panel.host, port=args.port or config.panel.port
-    )
-    if panel.host not in LOOPBACK:
-        raise GpuPanelError(
-            f"refusing to listen on {panel.host}: beyond loopback the panel needs API keys, "
-            "which this version does not have yet; use 127.0.0.1 (the default)"
-        )
-    config = replace(config, panel=panel)
-    store = StateStore(Path(panel.state_dir) if panel.state_dir else None)
-    plane = ControlPlane(config, backend, store, build_app)
+    plane = control_plane(args.config, args.simulate, args.host, args.port)
+    config, panel = plane.config, plane.config.panel
+    gpus = [g.uuid for g in plane.backend.sample()]
+    backend = plane.backend
     sock = bind_panel_socket(panel.host, panel.port)
     kind = "SIMULATED workstation" if backend.simulated else "workstation"
     print(f"gpupanel {__version__} on a {kind} with {len(gpus)} GPU(s); config: {config.source}")
@@ -133,26 +109,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_loop(main())
     print("gpupanel stopped; workers keep running (a new `gpupanel serve` adopts them).")
     return 0
-
-
-def _panel_request(url: str, method: str, path: str) -> dict[str, object]:
-    import httpx
-
-    try:
-        response = httpx.request(method, url.rstrip("/") + path, timeout=120, trust_env=False)
-    except httpx.TransportError:
-        raise GpuPanelError(
-            f"no gpupanel control plane answers at {url}; start one with `gpupanel serve`"
-        ) from None
-    try:
-        body = response.json()
-    except ValueError:
-        raise GpuPanelError(
-            f"{url} answered {response.status_code} with no JSON: is it gpupanel?"
-        ) from None
-    if response.status_code >= 400:
-        raise GpuPanelError(body.get("error", {}).get("message", response.text))
-    return dict(body)
 
 
 def format_workers(workers: dict[str, dict[str, object]]) -> str:
@@ -185,23 +141,69 @@ def format_workers(workers: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines + errors)
 
 
+def _connect(url: str) -> Panel:
+    from gpupanel.ui.panel import connect
+
+    return connect(url)
+
+
 def cmd_workers(args: argparse.Namespace) -> int:
-    url = args.url
+    panel = _connect(args.url)
     if args.action is None:
-        body = _panel_request(url, "GET", "/panel/workers")
-        print(format_workers(body["workers"]))  # type: ignore[arg-type]
+        print(format_workers(panel.workers))
         return 0
     if args.action == "ensure":
-        body = _panel_request(url, "POST", "/panel/workers/ensure")
-        print(f"started: {', '.join(body['started']) or 'nothing (all running)'}")  # type: ignore[arg-type]
+        print(f"started: {', '.join(panel.ensure()) or 'nothing (all running)'}")
         return 0
     if args.all == bool(args.id):
         raise GpuPanelError(f"`gpupanel workers {args.action}` needs one worker ID or --all")
-    ids = list(_panel_request(url, "GET", "/panel/workers")["workers"]) if args.all else [args.id]  # type: ignore[call-overload]
-    for worker_id in ids:
-        body = _panel_request(url, "POST", f"/panel/workers/{worker_id}/{args.action}")
-        worker = body["worker"]
-        print(f"{worker_id}: {body['result']} (status {worker['status']}, pid {worker['pid']})")  # type: ignore[index]
+    for worker_id in list(panel.workers) if args.all else [args.id]:
+        worker = getattr(panel, args.action)(worker_id)
+        print(f"{worker_id}: {args.action} done (status {worker['status']}, pid {worker['pid']})")
+    return 0
+
+
+def progress_line(line: dict[str, object], width: int = 30) -> str:
+    """One line of pull progress: the status, and a bar when the size is known."""
+    status = str(line.get("status", ""))
+    total, done = line.get("total"), line.get("completed")
+    if isinstance(total, int) and total > 0 and isinstance(done, int):
+        filled = int(width * min(done, total) / total)
+        bar = "#" * filled + "-" * (width - filled)
+        return f"{status[:40]:<40} [{bar}] {done / GIB:6.2f}/{total / GIB:.2f} GiB"
+    return status
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    panel = _connect(args.url)
+    interactive = sys.stderr.isatty()
+    last = ""
+    for line in panel.pull_lines(args.id, args.model):
+        text = progress_line(line)
+        if interactive:
+            print(f"\r{text:<90}", end="", file=sys.stderr, flush=True)
+        elif text.split("[")[0] != last.split("[")[0]:
+            print(text, file=sys.stderr)
+        last = text
+    if interactive:
+        print(file=sys.stderr)
+    print(f"{args.model} is on worker {args.id}")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    panel = _connect(args.url)
+    if args.dry_run:
+        est = panel.estimate(args.id, args.model, args.num_ctx)
+        verdict = {True: "fits", False: "does NOT fit", None: "free memory unknown"}[est["fits"]]
+        print(f"{verdict}: {est['explain']}")
+        return 0 if est["fits"] is not False else 1
+    result = panel.load(
+        args.id, args.model, args.keep_alive, args.num_ctx, args.exclusive, args.force
+    )
+    print(f"loaded {args.model} on {args.id}: {result['estimate']['explain']}")
+    for problem in result["problems"]:
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 
@@ -222,6 +224,14 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="use a simulated workstation: the recorded one, or SPEC "
         "('4x24', '2x24,2x48', or a JSON/TOML file)",
+    )
+
+
+def _add_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("GPUPANEL_URL", DEFAULT_URL),
+        help=f"control plane URL (default $GPUPANEL_URL or {DEFAULT_URL})",
     )
 
 
@@ -250,12 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["start", "stop", "restart", "ensure"])
     p.add_argument("id", nargs="?", help="worker id")
     p.add_argument("--all", action="store_true", help="every worker")
-    p.add_argument(
-        "--url",
-        default=os.environ.get("GPUPANEL_URL", DEFAULT_URL),
-        help=f"control plane URL (default {DEFAULT_URL})",
-    )
+    _add_url(p)
     p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("load", help="load a model on a worker, behind the VRAM guard")
+    p.add_argument("id", help="worker id")
+    p.add_argument("model")
+    p.add_argument(
+        "--keep-alive", dest="keep_alive", help="e.g. 30m, or seconds; negative: forever"
+    )
+    p.add_argument("--num-ctx", dest="num_ctx", type=int, help="context length in tokens")
+    p.add_argument(
+        "--exclusive", action="store_true", help="unload the worker's other models first"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="load even if the estimate says it won't fit"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only print the estimate and verdict")
+    _add_url(p)
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("pull", help="pull a model onto a worker, with progress")
+    p.add_argument("id", help="worker id")
+    p.add_argument("model")
+    _add_url(p)
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("sim", help="simulated workstation programs")
     p.add_argument("runtime", choices=["ollama"], help="which simulated server")

@@ -25,7 +25,7 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
-from gpupanel import __version__
+from gpupanel._version import __version__
 from gpupanel.adapters.state import StateStore
 from gpupanel.core.config import Config
 from gpupanel.core.gpu import GpuBackend
