@@ -139,3 +139,18 @@ def test_pin_verdicts() -> None:
         (22, "w1"),
         (12, None),
     ]
+
+
+def test_bench_takes_out_unreachable_workers_at_once_and_busy_ones_after_repeats() -> None:
+    from gpupanel.core.routing import Bench
+
+    bench = Bench(failures=2, window_s=30, cool_off_s=15)
+    bench.failed("a", now=100.0)  # unreachable: out at once
+    assert bench.benched(101.0) == {"a"} and bench.benched(116.0) == set()
+    bench.failed("b", now=100.0, hard=False)
+    assert "b" not in bench.benched(100.5)
+    bench.failed("b", now=110.0, hard=False)
+    assert "b" in bench.benched(111.0)
+    bench.failed("c", now=0.0, hard=False)
+    bench.failed("c", now=60.0, hard=False)  # outside the window: not a pile-up
+    assert "c" not in bench.benched(61.0)

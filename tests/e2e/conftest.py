@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,6 +71,13 @@ class Panel:
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.http.post(path, **kwargs)
+
+
+def serve(directory: Path, env: dict[str, str], toml: str) -> Panel:
+    """Write `toml` (dedented) as `directory`/gpupanel.toml and start `gpupanel serve` on it."""
+    config = directory / "gpupanel.toml"
+    config.write_text(textwrap.dedent(toml))
+    return Panel(env, config, free_port(), directory / "serve.log").start()
 
 
 @pytest.fixture

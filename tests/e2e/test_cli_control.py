@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from gpupanel.sim.workstation import parse_spec
-from tests.e2e.conftest import Panel, free_port, wait_for
+from tests.e2e.conftest import free_port, serve, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("leftover_guard")]
 
@@ -29,19 +28,17 @@ def test_cli_controls_workers_and_models(
     tmp_path: Path, panel_env: dict[str, str], sim_dir: Path
 ) -> None:
     parse_spec("1x24").save(sim_dir)
-    config = tmp_path / "gpupanel.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [[workers]]
-            id = "solo"
-            gpu = 0
-            port = {free_port()}
-            env = {{ GPUPANEL_SIM_PULLED = "llama3.1:70b" }}
-            """
-        )
+    panel = serve(
+        tmp_path,
+        panel_env,
+        f"""
+        [[workers]]
+        id = "solo"
+        gpu = 0
+        port = {free_port()}
+        env = {{ GPUPANEL_SIM_PULLED = "llama3.1:70b" }}
+        """,
     )
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
     env = {**panel_env, "GPUPANEL_URL": panel.url}
     try:
         wait_for(lambda: panel.worker("solo")["status"] == "running", 30, "solo running")

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import ollama
@@ -17,7 +16,7 @@ import pytest
 
 from gpupanel.sim.catalogue import load_catalogue
 from gpupanel.sim.workstation import parse_spec
-from tests.e2e.conftest import Panel, free_port, wait_for
+from tests.e2e.conftest import Panel, free_port, serve, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("leftover_guard")]
 GIB = 1024**3
@@ -48,30 +47,28 @@ def test_guard_estimator_and_every_warning(
     ws.save(sim_dir)
     g0, g1, _ = (g.uuid for g in ws.gpus)
     ports = [free_port(), free_port()]
-    config = tmp_path / "gpupanel.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [panel]
-            near_full_percent = 90
-            restart_backoff_s = 2
+    panel = serve(
+        tmp_path,
+        panel_env,
+        f"""
+        [panel]
+        near_full_percent = 90
+        restart_backoff_s = 2
 
-            [[workers]]
-            id = "a"
-            gpu = 1
-            port = {ports[0]}
-            models = ["llama3.2:3b"]
-            env = {{ OLLAMA_MODELS = "{tmp_path / "models-a"}", GPUPANEL_SIM_PULLED = "qwen2.5:0.5b,llama3.1:8b,llama3.1:70b" }}
+        [[workers]]
+        id = "a"
+        gpu = 1
+        port = {ports[0]}
+        models = ["llama3.2:3b"]
+        env = {{ OLLAMA_MODELS = "{tmp_path / "models-a"}", GPUPANEL_SIM_PULLED = "qwen2.5:0.5b,llama3.1:8b,llama3.1:70b" }}
 
-            [[workers]]
-            id = "w"
-            gpu = 2
-            port = {ports[1]}
-            env = {{ OLLAMA_MODELS = "{tmp_path / "models-w"}", GPUPANEL_SIM_PULLED = "qwen2.5:0.5b,llama3.1:70b", GPUPANEL_SIM_FAULTS = "ignore_cuda_visible_devices" }}
-            """
-        )
+        [[workers]]
+        id = "w"
+        gpu = 2
+        port = {ports[1]}
+        env = {{ OLLAMA_MODELS = "{tmp_path / "models-w"}", GPUPANEL_SIM_PULLED = "qwen2.5:0.5b,llama3.1:70b", GPUPANEL_SIM_FAULTS = "ignore_cuda_visible_devices" }}
+        """,
     )
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
     outsider = None
     try:
         wait_for(
@@ -209,22 +206,20 @@ def test_strict_mode_unloads_what_landed_on_the_cpu(
     ws = parse_spec("1x24")
     ws.save(sim_dir)
     port = free_port()
-    config = tmp_path / "gpupanel.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [panel]
-            strict_loads = true
+    panel = serve(
+        tmp_path,
+        panel_env,
+        f"""
+        [panel]
+        strict_loads = true
 
-            [[workers]]
-            id = "s"
-            gpu = 0
-            port = {port}
-            env = {{ GPUPANEL_SIM_PULLED = "llama3.1:70b" }}
-            """
-        )
+        [[workers]]
+        id = "s"
+        gpu = 0
+        port = {port}
+        env = {{ GPUPANEL_SIM_PULLED = "llama3.1:70b" }}
+        """,
     )
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
     try:
         wait_for(lambda: panel.worker("s")["status"] == "running", 30, "s running")
         r = panel.post(

@@ -6,7 +6,6 @@ stops cleanly."""
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from pathlib import Path
 
 import openai
@@ -16,7 +15,7 @@ import pytest
 from gpupanel.adapters.gguf import read_shape
 from gpupanel.core.estimate import GRAPH_OVERHEAD
 from gpupanel.sim.workstation import parse_spec
-from tests.e2e.conftest import Panel, free_port, wait_for
+from tests.e2e.conftest import free_port, serve, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp, pytest.mark.usefixtures("leftover_guard")]
 
@@ -31,24 +30,22 @@ def test_llama_server_worker_end_to_end(
     ws = parse_spec("1x24")
     ws.save(sim_dir)
     port = free_port()
-    config = tmp_path / "gpupanel.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [[workers]]
-            id = "llama"
-            runtime = "llamacpp"
-            gpu = 0
-            port = {port}
-            model_path = "{smollm2_gguf}"
-            context = 512
-            alias = "smollm2"
-            command = ["{llama_server_bin}"]
-            args = ["-t", "2"]
-            """
-        )
+    panel = serve(
+        tmp_path,
+        panel_env,
+        f"""
+        [[workers]]
+        id = "llama"
+        runtime = "llamacpp"
+        gpu = 0
+        port = {port}
+        model_path = "{smollm2_gguf}"
+        context = 512
+        alias = "smollm2"
+        command = ["{llama_server_bin}"]
+        args = ["-t", "2"]
+        """,
     )
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
     try:
         worker = wait_for(
             lambda: (

@@ -29,11 +29,12 @@ EMBED = "nomic-embed-text"
 @pytest.fixture(scope="module")
 def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
     """Workers a and b share MODEL (and a models dir); c has its own models dir and is slow
-    (20 tokens/s) for streaming tests; d is not started."""
+    (20 tokens/s) for streaming tests; d is not started; e and f share phi3, and e crashes
+    on its first generation request."""
     root = tmp_path_factory.mktemp("proxy")
     sim_dir = root / "sim"
     parse_spec("4x24").save(sim_dir)
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(6)]
     pulled = f'GPUPANEL_SIM_PULLED = "{MODEL},{EMBED}"'
     config = root / "gpupanel.toml"
     config.write_text(
@@ -62,6 +63,18 @@ def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
             gpu = 3
             port = {ports[3]}
             autostart = false
+
+            [[workers]]
+            id = "e"
+            gpu = 2
+            port = {ports[4]}
+            env = {{ OLLAMA_MODELS = "{root / "models-ef"}", GPUPANEL_SIM_PULLED = "phi3:3.8b", GPUPANEL_SIM_FAULTS = "crash_after=1" }}
+
+            [[workers]]
+            id = "f"
+            gpu = 3
+            port = {ports[5]}
+            env = {{ OLLAMA_MODELS = "{root / "models-ef"}", GPUPANEL_SIM_PULLED = "phi3:3.8b" }}
             """
         )
     )
@@ -79,7 +92,7 @@ def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
         )
         yield p
     finally:
-        for wid in "abcd":
+        for wid in "abcdef":
             p.post(f"/panel/workers/{wid}/stop")
         p.stop()
         kill_simulated(sim_dir)
@@ -142,7 +155,7 @@ def test_openai_async_client_at_the_shared_endpoint_routes_by_model(panel: Panel
     workers, text, models = asyncio.run(main())
     assert workers <= {"a", "b"} and workers
     assert text
-    assert models == ",".join(sorted({MODEL, f"{EMBED}:latest", "llama3.2:1b"}))
+    assert models == ",".join(sorted({MODEL, f"{EMBED}:latest", "llama3.2:1b", "phi3:3.8b"}))
 
 
 def test_ollama_client_at_a_worker_route(panel: Panel) -> None:
@@ -283,10 +296,21 @@ def test_killing_one_of_two_workers_does_not_fail_a_request_at_v1(panel: Panel) 
             model=MODEL, messages=[{"role": "user", "content": "still there?"}], max_tokens=2
         )
         assert raw.headers["x-gpupanel-worker"] == "b"
-    # A live request did go to the dead worker and failed over: `a` now sits out of routing.
-    wait_for(lambda: panel.worker("a")["benched"], 3, "a benched after failed live requests")
     wait_for(
         lambda: (w := panel.worker("a"))["status"] == "running" and w["pid"] != victim["pid"],
         15,
         "a restarted",
+    )
+
+
+def test_a_worker_that_dies_under_a_live_request_is_failed_over_and_benched(panel: Panel) -> None:
+    # e and f both serve phi3; e (first by id, nothing loaded anywhere yet) crashes when the
+    # request arrives, before answering: the proxy retries on f before the first byte, and
+    # takes e out of routing for a while.
+    raw = client(panel, "/v1").chat.completions.with_raw_response.create(
+        model="phi3:3.8b", messages=[{"role": "user", "content": "hello?"}], max_tokens=2
+    )
+    assert raw.headers["x-gpupanel-worker"] == "f" and raw.parse().choices[0].message.content
+    assert wait_for(
+        lambda: panel.worker("e")["benched"], 3, "e benched after a failed live request"
     )

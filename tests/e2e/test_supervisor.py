@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,33 +14,29 @@ import psutil
 import pytest
 
 from gpupanel.sim.workstation import parse_spec
-from tests.e2e.conftest import Panel, free_port, wait_for
+from tests.e2e.conftest import Panel, free_port, serve, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("leftover_guard")]
 
 MODEL = "qwen2.5:0.5b"
 
 
-def write_config(path: Path, ports: list[int], faults: str = "") -> Path:
+def two_workers(ports: list[int], faults: str = "") -> str:
+    """Workers a (GPU 0) and b (GPU "1", as a string index), both with MODEL pulled."""
     fault_env = f', GPUPANEL_SIM_FAULTS = "{faults}"' if faults else ""
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [[workers]]
-            id = "a"
-            gpu = 0
-            port = {ports[0]}
-            env = {{ GPUPANEL_SIM_PULLED = "{MODEL}" }}
+    return f"""
+        [[workers]]
+        id = "a"
+        gpu = 0
+        port = {ports[0]}
+        env = {{ GPUPANEL_SIM_PULLED = "{MODEL}" }}
 
-            [[workers]]
-            id = "b"
-            gpu = "1"
-            port = {ports[1]}
-            env = {{ GPUPANEL_SIM_PULLED = "{MODEL}"{fault_env} }}
-            """
-        )
-    )
-    return path
+        [[workers]]
+        id = "b"
+        gpu = "1"
+        port = {ports[1]}
+        env = {{ GPUPANEL_SIM_PULLED = "{MODEL}"{fault_env} }}
+        """
 
 
 @pytest.fixture
@@ -66,8 +61,7 @@ def test_pinned_workers_restart_after_kill_and_survive_the_control_plane(
     tmp_path: Path, panel_env: dict[str, str], workstation: list[str]
 ) -> None:
     ports = [free_port(), free_port()]
-    config = write_config(tmp_path / "gpupanel.toml", ports)
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
+    panel = serve(tmp_path, panel_env, two_workers(ports))
     try:
         workers = wait_for(lambda: running(panel, "a", "b"), 30, "both workers running")
         assert (
@@ -140,8 +134,7 @@ def test_ignoring_cuda_visible_devices_shows_wrong_gpu(
     ws = parse_spec("1x48,1x24")
     ws.save(sim_dir)
     ports = [free_port(), free_port()]
-    config = write_config(tmp_path / "gpupanel.toml", ports, faults="ignore_cuda_visible_devices")
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
+    panel = serve(tmp_path, panel_env, two_workers(ports, faults="ignore_cuda_visible_devices"))
     try:
         wait_for(lambda: running(panel, "a", "b"), 30, "both workers running")
         assert panel.worker("b")["pin"] == "unverified"  # nothing loaded yet
@@ -163,7 +156,6 @@ def test_stop_by_pid_refuses_what_is_not_ours_and_port_conflicts_are_reported(
     tmp_path: Path, panel_env: dict[str, str], workstation: list[str]
 ) -> None:
     ports = [free_port(), free_port()]
-    config = write_config(tmp_path / "gpupanel.toml", ports)
     squatter = subprocess.Popen(
         [
             sys.executable,
@@ -172,7 +164,7 @@ def test_stop_by_pid_refuses_what_is_not_ours_and_port_conflicts_are_reported(
         ]
     )
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
+    panel = serve(tmp_path, panel_env, two_workers(ports))
     try:
         wait_for(lambda: running(panel, "a"), 30, "worker a running")
         b = wait_for(lambda: (w := panel.worker("b"))["last_error"] and w, 10, "b's port conflict")
@@ -207,22 +199,20 @@ def test_a_worker_that_keeps_crashing_is_reported_as_a_crash_loop(
     tmp_path: Path, panel_env: dict[str, str], workstation: list[str]
 ) -> None:
     port = free_port()
-    config = tmp_path / "gpupanel.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [panel]
-            restart_backoff_s = 0.1
+    panel = serve(
+        tmp_path,
+        panel_env,
+        f"""
+        [panel]
+        restart_backoff_s = 0.1
 
-            [[workers]]
-            id = "bad"
-            gpu = 0
-            port = {port}
-            env = {{ GPUPANEL_SIM_FAULTS = "exit_on_start" }}
-            """
-        )
+        [[workers]]
+        id = "bad"
+        gpu = 0
+        port = {port}
+        env = {{ GPUPANEL_SIM_FAULTS = "exit_on_start" }}
+        """,
     )
-    panel = Panel(panel_env, config, free_port(), tmp_path / "serve.log").start()
     try:
         bad = wait_for(
             lambda: (

@@ -50,6 +50,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _model(body: dict[str, Any], action: str) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise WorkerError(f"field 'model' is required: the model to {action}", status=400)
+    return model
+
+
 def routes(cp: ControlPlane) -> list[Route]:
     """The /panel routes bound to one control plane."""
 
@@ -172,9 +179,11 @@ def routes(cp: ControlPlane) -> list[Route]:
 
     async def load(request: Request) -> Response:
         body = await _json_body(request)
-        model, keep_alive, num_ctx = body.get("model"), body.get("keep_alive"), body.get("num_ctx")
-        if not isinstance(model, str) or not model:
-            return panel_error(400, "field 'model' is required: the model to load")
+        model, keep_alive, num_ctx = (
+            _model(body, "load"),
+            body.get("keep_alive"),
+            body.get("num_ctx"),
+        )
         if keep_alive is not None and (
             isinstance(keep_alive, bool) or not isinstance(keep_alive, (str, int, float))
         ):
@@ -194,17 +203,11 @@ def routes(cp: ControlPlane) -> list[Route]:
         return JSONResponse(await cp.loader.load(request.path_params["id"], req))
 
     async def unload(request: Request) -> Response:
-        body = await _json_body(request)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return panel_error(400, "field 'model' is required: the model to unload")
+        model = _model(await _json_body(request), "unload")
         return JSONResponse(await cp.loader.unload(request.path_params["id"], model))
 
     async def pull(request: Request) -> Response:
-        body = await _json_body(request)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return panel_error(400, "field 'model' is required: the model to pull")
+        model = _model(await _json_body(request), "pull")
         lines = cp.loader.pull(request.path_params["id"], model)
         try:
             first = await lines.__anext__()

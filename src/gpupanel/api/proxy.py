@@ -56,7 +56,12 @@ class _Abandoned(Exception):
 
 
 class _UpstreamFailed(Exception):
-    """The worker could not be reached or refused before the first byte (failover is safe)."""
+    """The worker could not be reached or refused before the first byte (failover is safe).
+    `busy` marks a refusal (503) rather than a broken connection."""
+
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 def error_body(dialect: str, err: ProxyError) -> bytes:
@@ -266,7 +271,7 @@ class Proxy:
                     self.cp.traffic.bench.succeeded(worker.id)
                     return
                 except _UpstreamFailed as exc:
-                    self.cp.traffic.bench.failed(worker.id, time.monotonic())
+                    self.cp.traffic.bench.failed(worker.id, time.monotonic(), hard=not exc.busy)
                     failures.append(f"{worker.id}: {exc}")
             entry.failed = True
             raise ProxyError(
@@ -326,7 +331,8 @@ class Proxy:
         try:
             if upstream.status == 503 and path in ROUTED:
                 raise _UpstreamFailed(
-                    f"busy (503): {(await upstream.read())[:200].decode(errors='replace')}"
+                    f"busy (503): {(await upstream.read())[:200].decode(errors='replace')}",
+                    busy=True,
                 )
             out = [
                 (k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE
@@ -336,9 +342,27 @@ class Proxy:
                 (b"x-request-id", entry.id.encode()),
             ]
             await send({"type": "http.response.start", "status": upstream.status, "headers": out})
-            await self._stream(receive, send, upstream, entry)
+            if upstream.content.is_eof():
+                await self._whole(send, upstream, entry)
+            else:
+                await self._stream(receive, send, upstream, entry)
         finally:
             upstream.release()
+
+    @staticmethod
+    async def _whole(send: Send, upstream: aiohttp.ClientResponse, entry: InFlight) -> None:
+        """Send an answer whose body has already arrived in full (a small non-streamed one)
+        in one message: with nothing left to wait for, no hang-up watcher is needed."""
+        try:
+            body = await upstream.content.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            entry.failed = True
+            upstream.close()
+            raise _Abandoned from None
+        if body:
+            entry.chunks += 1
+            entry.bytes += len(body)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(
         self, receive: Receive, send: Send, upstream: aiohttp.ClientResponse, entry: InFlight

@@ -45,8 +45,9 @@ def candidates(
 
 @dataclass
 class Bench:
-    """Takes a worker out of `/v1` routing for `cool_off_s` after `failures` failed live
-    requests within `window_s` (failed probes alone are seen by the health check)."""
+    """Takes a worker out of `/v1` routing for `cool_off_s` after a live request found it
+    unreachable (a hard failure), or after `failures` refusals (busy, 503) within
+    `window_s`. Failed probes alone are seen by the health check, not here."""
 
     failures: int = 2
     window_s: float = 30.0
@@ -56,11 +57,12 @@ class Bench:
         self._failed: dict[str, list[float]] = {}
         self._until: dict[str, float] = {}
 
-    def failed(self, worker_id: str, now: float) -> None:
-        """Record a failed live request; bench the worker when failures pile up."""
+    def failed(self, worker_id: str, now: float, hard: bool = True) -> None:
+        """Record a failed live request; bench the worker at once if it was unreachable,
+        or when refusals pile up."""
         recent = [t for t in self._failed.get(worker_id, []) if now - t <= self.window_s] + [now]
         self._failed[worker_id] = recent
-        if len(recent) >= self.failures:
+        if hard or len(recent) >= self.failures:
             self._until[worker_id] = now + self.cool_off_s
             self._failed[worker_id] = []
 

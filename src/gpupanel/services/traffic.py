@@ -11,7 +11,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from gpupanel.core.requests import AppInfo, RequestInfo
 from gpupanel.core.routing import Bench
@@ -125,20 +125,8 @@ class Traffic:
 
     def requests(self) -> tuple[RequestInfo, ...]:
         """The in-flight requests, oldest first."""
-        return tuple(
-            RequestInfo(
-                id=e.id,
-                worker=e.worker,
-                model=e.model,
-                app=e.app,
-                started=e.started,
-                chunks=e.chunks,
-                bytes=e.bytes,
-                path=e.path,
-                method=e.method,
-            )
-            for e in self.live.values()
-        )
+        names = [f.name for f in fields(RequestInfo)]
+        return tuple(RequestInfo(*(getattr(e, n) for n in names)) for e in self.live.values())
 
     def app_infos(self) -> tuple[AppInfo, ...]:
         return tuple(self.app_info(a) for a in sorted(self.apps.values(), key=lambda a: a.name))
