@@ -174,6 +174,7 @@ def routes(cp: ControlPlane) -> list[Route]:
             num_ctx=_int_param(request, "num_ctx"),
             parallel=_int_param(request, "parallel"),
             kv_cache_type=q.get("kv_cache_type") or None,
+            exclusive=q.get("exclusive", "false").lower() in ("1", "true", "yes"),
         )
         return JSONResponse({"worker": worker_id, "estimate": estimate_json(plan)})
 

@@ -8,8 +8,10 @@
 A raw ASGI handler: the hot path reads the body once, forwards it with one pooled aiohttp
 client (httpx's pool was the bottleneck under concurrency, see benchmarks/README.md), and
 streams the answer back chunk by chunk as it arrives, with the ASGI server's backpressure.
-A client that hangs up cancels the upstream request at once. Every forwarded request is
-in the in-flight registry until it ends, however it ends.
+An answer that has arrived whole with its headers (a small non-streamed one) goes back in
+one message, without the per-stream hang-up watcher. A client that hangs up cancels the
+upstream request at once. Every forwarded request is in the in-flight registry until it
+ends, however it ends.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class Proxy:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies of its own
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),

@@ -61,7 +61,9 @@ class GpuPanelMagics(Magics):
         if self.panel is None:
             try:
                 self.panel = start(
-                    config=self.config_file or None, simulate=self._simulate(), port=self.port or None
+                    config=self.config_file or None,
+                    simulate=self._simulate(),
+                    port=self.port or None,
                 )
             except NoDriverError as exc:
                 raise GpuPanelError(

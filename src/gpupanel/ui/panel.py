@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PANEL_PORT}"
 URL_ENV = "GPUPANEL_URL"
+SNAPSHOT_TIMEOUT_S = 5.0
+"""A snapshot is cheap: waiting longer means the control plane hangs (say so, retry)."""
 
 
 class PanelError(GpuPanelError):
@@ -82,7 +84,7 @@ class Panel:
         """The latest snapshot (CONTRACT.md shapes): gpus, workers, warnings, requests, apps."""
         if self.plane is not None:
             return self.plane.snapshot.to_json()
-        return dict(self._call("GET", "/panel/snapshot"))
+        return dict(self._call("GET", "/panel/snapshot", timeout=SNAPSHOT_TIMEOUT_S))
 
     @property
     def workers(self) -> dict[str, dict[str, Any]]:
@@ -136,14 +138,17 @@ class Panel:
         num_ctx: int | None = None,
         parallel: int | None = None,
         kv_cache_type: str | None = None,
+        exclusive: bool = False,
     ) -> dict[str, Any]:
-        """The VRAM a load would take on `worker`'s GPU, and whether it fits."""
+        """The VRAM a load would take on `worker`'s GPU, and whether it fits (with
+        `exclusive`, counting the memory its other models would free)."""
         params = {
             "worker": worker,
             "model": model,
             "num_ctx": num_ctx,
             "parallel": parallel,
             "kv_cache_type": kv_cache_type,
+            "exclusive": "true" if exclusive else None,
         }
         query = {k: v for k, v in params.items() if v is not None}
         return dict(self._call("GET", "/panel/estimate", params=query)["estimate"])

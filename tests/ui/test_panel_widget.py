@@ -1,0 +1,276 @@
+"""The widget panel on a REAL in-process control plane over a simulated 4-GPU workstation
+(2 x 24 GiB, 2 x 48 GiB; one simulated Ollama worker per GPU), driven through widget
+state: the binder thread is stopped and each test calls `refresh()` itself."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+import gpupanel
+from gpupanel.sim.workstation import parse_spec
+from gpupanel.ui.panel import Panel, PanelError
+from gpupanel.ui.widgets import PanelWidget
+from tests.conftest import free_port
+from tests.e2e.conftest import kill_simulated
+
+pytestmark = pytest.mark.slow
+GIB = 1024**3
+T = TypeVar("T")
+
+
+@dataclass
+class Live:
+    panel: Panel
+    sim: Path
+    uuids: list[str]
+
+
+def poll(widget: PanelWidget, check: Callable[[], T], timeout: float = 20.0, what: str = "") -> T:
+    """Refresh the widget until `check()` is truthy (the binder's pass, driven by the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        widget.refresh()
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One control plane for the module: starting four workers costs seconds."""
+    base = tmp_path_factory.mktemp("ui-live")
+    sim = base / "sim"
+    env = pytest.MonkeyPatch()
+    env.setenv("GPUPANEL_SIM_DIR", str(sim))
+    env.setenv("XDG_STATE_HOME", str(base / "state"))
+    env.setenv("GPUPANEL_SIM_PULLED", "qwen2.5:0.5b,llama3.1:70b")
+    env.setenv("GPUPANEL_SIM_TOKENS_PER_S", "10")  # a reply of 32 tokens streams for ~3 s
+    env.delenv("GPUPANEL_CONFIG", raising=False)
+    ws = parse_spec("2x24,2x48")
+    sim.mkdir()
+    ws.save(sim)
+    workers = "".join(
+        f'\n[[workers]]\nid = "gpu{i}"\ngpu = {i}\nport = {free_port()}\n'
+        f'env = {{ OLLAMA_MODELS = "{base / f"models-{i}"}" }}\n'
+        for i in range(4)
+    )
+    config = base / "gpupanel.toml"
+    config.write_text(workers)
+    panel: Panel | None = None
+    try:
+        panel = gpupanel.start(config=str(config), simulate=True, port=free_port())
+        deadline = time.monotonic() + 30
+        while not all(w["status"] == "running" for w in panel.workers.values()):
+            assert time.monotonic() < deadline, f"workers not running: {panel.workers}"
+            time.sleep(0.1)
+        yield Live(panel, sim, [g.uuid for g in ws.gpus])
+    finally:
+        if panel is not None:
+            for wid in panel.workers:
+                with contextlib.suppress(PanelError):
+                    panel.stop(wid)
+            panel.shutdown()
+        kill_simulated(sim)
+        env.undo()
+
+
+@pytest.fixture
+def widget(live: Live, sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PanelWidget]:
+    """A panel widget with its binder stopped. Workers (re)started by a test inherit this
+    process's environment, so point them at the module's workstation, not this test's."""
+    monkeypatch.setenv("GPUPANEL_SIM_DIR", str(live.sim))
+    w = live.panel.show()
+    w.stop()
+    yield w
+    w.close()
+
+
+def test_gpu_cards_charts_worker_rows_and_badge(live: Live, widget: PanelWidget) -> None:
+    widget.refresh()
+    assert set(widget.gpu_cards) == set(live.uuids)
+    for i, uuid in enumerate(live.uuids):
+        card = widget.gpu_cards[uuid]
+        assert "gpupanel-gpu" in card._dom_classes
+        assert uuid in card.title.value and f"GPU {i}</b>" in card.title.value
+    assert [c.uuid for c in widget.gpus_box.children] == live.uuids  # in index order
+
+    # The VRAM chart grows a point per new snapshot and shows the snapshot's memory.used.
+    gpu0 = widget.gpu_cards[live.uuids[0]].chart
+    lengths = []
+    last_time = None
+    while len(lengths) < 3:
+        snap = live.panel.snapshot()
+        if snap["time"] != last_time:
+            last_time = snap["time"]
+            widget.refresh(snap)
+            lengths.append(len(gpu0.used.x))
+            used = snap["gpus"][live.uuids[0]]["memory"]["used"]
+            total = snap["gpus"][live.uuids[0]]["memory"]["total"]
+            assert gpu0.used.y[-1] == pytest.approx(used / GIB)
+            assert gpu0.total.y[-1] == pytest.approx(total / GIB) == pytest.approx(24.0)
+            assert len(gpu0.used.x) == len(gpu0.used.y) == len(gpu0.util.y)
+        time.sleep(0.1)
+    assert lengths[0] < lengths[1] < lengths[2]
+
+    workers = live.panel.workers
+    assert set(widget.worker_rows) == {"gpu0", "gpu1", "gpu2", "gpu3"}
+    for wid, worker in workers.items():
+        row = widget.worker_rows[wid]
+        assert {"gpupanel-worker", f"gpupanel-worker-{wid}"} <= set(row._dom_classes)
+        assert f"<b>{wid}</b>" in row.info.value and "running" in row.info.value
+        assert f"pid {worker['pid']}" in row.info.value
+        assert f"port {worker['port']}" in row.info.value
+        assert row.base_url.value == live.panel.base_url(wid)
+        assert row.buttons["restart"].description == "restart"
+        assert f"gpupanel-restart-{wid}" in row.buttons["restart"]._dom_classes
+
+    assert "gpupanel-simulated" in widget.badge._dom_classes
+    assert widget.badge.layout.display != "none" and "SIMULATED" in widget.badge.value
+    assert live.panel.url in widget.header.value and "in this kernel" in widget.header.value
+    assert "4 GPU(s)" in widget.header.value and "4 worker(s)" in widget.header.value
+
+
+def test_nothing_new_sends_no_widget_update(live: Live, widget: PanelWidget) -> None:
+    snap = live.panel.snapshot()
+    widget.refresh(snap)
+    from tests.ui.test_widget_units import observe_all
+
+    changes = observe_all(widget)
+    assert widget.refresh(snap) == 0 and changes == []
+
+
+def test_restart_button_gives_a_new_pid(live: Live, widget: PanelWidget) -> None:
+    widget.refresh()
+    old = live.panel.workers["gpu1"]["pid"]
+    assert f"pid {old}" in widget.worker_rows["gpu1"].info.value
+    widget.worker_rows["gpu1"].buttons["restart"].click()
+    assert widget.commands.wait(30)
+    new = poll(
+        widget,
+        lambda: (pid := live.panel.workers["gpu1"]["pid"]) != old and pid,
+        what="a new pid for gpu1",
+    )
+    poll(
+        widget,
+        lambda: f"pid {new}" in widget.worker_rows["gpu1"].info.value,
+        what="the new pid in the row",
+    )
+    assert "running" in widget.worker_rows["gpu1"].info.value
+    assert "gpu1 restarted" in widget.status.value
+
+
+def test_estimate_shows_the_guard_verdict_before_a_load(live: Live, widget: PanelWidget) -> None:
+    widget.refresh()
+    form = widget.load_form
+    form.worker.value = "gpu0"
+    widget.refresh()
+    assert "llama3.1:70b" in form.model.options  # the worker's pulled models
+    form.model.value = "llama3.1:70b"
+    form.num_ctx.value = 8192
+    form.estimate_button.click()
+    assert widget.commands.wait(20)
+    widget.refresh()
+    assert "does not fit" in form.verdict.value
+    assert "free 24.00 GiB" in form.verdict.value and "weights 40.05" in form.verdict.value
+
+    # Load without force: refused before sending; nothing lands on the GPU.
+    form.load_button.click()
+    assert widget.commands.wait(20)
+    widget.refresh()
+    assert "not sent" in widget.status.value and "does not fit" in widget.status.value
+    assert live.panel.workers["gpu0"]["models_loaded"] == []
+
+
+def test_a_forced_load_raises_model_on_cpu_in_the_warnings(live: Live, widget: PanelWidget) -> None:
+    widget.refresh()
+    form = widget.load_form
+    form.worker.value = "gpu0"
+    form.model.value = "llama3.1:70b"
+    form.num_ctx.value = 2048
+    form.force.value = True
+    form.load_button.click()
+    try:
+        assert widget.commands.wait(30)
+        widget.refresh()
+        assert "loaded llama3.1:70b on gpu0" in widget.status.value
+        poll(widget, lambda: "model_on_cpu" in widget.warnings.value, what="model_on_cpu")
+        assert "gpupanel-warnings" in widget.warnings._dom_classes
+        assert "gpu0/llama3.1:70b" in widget.warnings.value
+        row = widget.worker_rows["gpu0"].info.value
+        assert "llama3.1:70b" in row and "on CPU" in row
+    finally:
+        live.panel.unload("gpu0", "llama3.1:70b")
+    poll(widget, lambda: "model_on_cpu" not in widget.warnings.value, what="warning cleared")
+
+
+def test_in_flight_requests_by_app_and_the_activity_heuristics(
+    live: Live, widget: PanelWidget
+) -> None:
+    uuid = live.uuids[2]
+    done: dict[str, Any] = {}
+
+    def chat() -> None:
+        with httpx.Client(timeout=60, trust_env=False) as client:
+            r = client.post(
+                f"{live.panel.url}/proxy/gpu2/v1/chat/completions",
+                headers={"X-GPUPanel-App": "ui-test"},
+                json={
+                    "model": "qwen2.5:0.5b",
+                    "messages": [{"role": "user", "content": "hello"}],
+                    "stream": True,
+                },
+            )
+            done["status"] = r.status_code
+
+    thread = threading.Thread(target=chat)
+    thread.start()
+    try:
+        poll(
+            widget,
+            lambda: (
+                "<b>ui-test</b>: 1 in flight" in widget.requests.value
+                and "gpu2" in widget.requests.value
+            ),
+            what="the request in the requests box",
+        )
+        poll(
+            widget,
+            lambda: widget.gpu_cards[uuid].activity.value.count(">yes<") == 1,
+            what="likely inferencing on GPU 2",
+        )
+        assert "heuristics" in widget.gpu_cards[uuid].activity.value
+    finally:
+        thread.join(30)
+    assert done.get("status") == 200
+    poll(widget, lambda: "<b>ui-test</b>: 0 in flight" in widget.requests.value)
+    activity = widget._activity.update(live.panel.snapshot())[uuid]
+    assert activity.chunks_total > 0 and not activity.in_flight
+    assert f"tokens \u2248 {activity.chunks_total} chunks via proxy" in (
+        widget.gpu_cards[uuid].activity.value
+    )
+    live.panel.unload("gpu2", "qwen2.5:0.5b")
+
+
+def test_the_binder_thread_updates_on_its_own_and_stops_on_close(live: Live) -> None:
+    w = live.panel.show()
+    try:
+        assert w.running
+        deadline = time.monotonic() + 10
+        while w.passes < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.passes >= 2 and len(w.gpu_cards) == 4
+    finally:
+        w.close()
+    assert not w.running
