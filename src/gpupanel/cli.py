@@ -74,6 +74,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 DEFAULT_URL = "http://127.0.0.1:8765"
+DASHBOARD_PORT = 17320
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -109,6 +110,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_loop(main())
     print("gpupanel stopped; workers keep running (a new `gpupanel serve` adopts them).")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gpupanel.ui.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        port=args.port,
+        dashboard_port=args.dashboard_port,
+        dashboard=not args.no_dashboard,
+        duration=args.duration,
+        traffic=not args.no_traffic,
+    )
+    return run_demo(options)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from gpupanel.ui.voila import INSTALL_HINT, serve_dashboard, voila_available
+
+    if not voila_available():
+        print(f"gpupanel: the dashboard needs Voila: {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    return serve_dashboard(args.port, args.url.rstrip("/"))
 
 
 def format_workers(workers: dict[str, dict[str, object]]) -> str:
@@ -255,6 +278,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="panel port (default 8765)")
     _add_simulate(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole thing on a simulated 4-GPU workstation: workers, traffic, dashboard",
+    )
+    p.add_argument("--port", type=int, default=8765, help="panel port (default 8765)")
+    p.add_argument(
+        "--dashboard-port",
+        dest="dashboard_port",
+        type=int,
+        default=DASHBOARD_PORT,
+        help=f"dashboard port (default {DASHBOARD_PORT})",
+    )
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    p.add_argument("--no-traffic", action="store_true", help="do not generate traffic")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after SECONDS")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("dashboard", help="serve the Voila dashboard of the running control plane")
+    p.add_argument(
+        "--port", type=int, default=DASHBOARD_PORT, help=f"port (default {DASHBOARD_PORT})"
+    )
+    _add_url(p)
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("workers", help="list or control workers of the running control plane")
     p.add_argument("action", nargs="?", choices=["start", "stop", "restart", "ensure"])

@@ -50,7 +50,9 @@ class PanelPortBusy(GpuPanelError):
 def bind_panel_socket(host: str, port: int) -> socket.socket:
     """Bind and listen on host:port now, so a busy port fails here with a clear message."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: accepted sockets inherit it, and only then does asyncio (unlike
+    # uvloop) set TCP_NODELAY on them; with Nagle on, an answer's body waits ~40 ms for an ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

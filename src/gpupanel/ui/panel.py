@@ -233,7 +233,8 @@ class Panel:
 _running: dict[str, Panel] = {}
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Does a healthy gpupanel control plane answer at `url`?"""
     with contextlib.suppress(httpx.HTTPError, ValueError):
         r = httpx.get(f"{url}/panel/health", timeout=2.0, trust_env=False)
         return r.status_code == 200 and r.json().get("status") == "ok"
@@ -246,7 +247,7 @@ def connect(url: str | None = None, wait_s: float = 0.0) -> Panel:
 
     url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
     deadline = time.monotonic() + wait_s
-    while not _answers(url):
+    while not answers(url):
         if time.monotonic() >= deadline:
             raise PanelError(
                 f"no gpupanel control plane answers at {url}; start one with `gpupanel serve` "
@@ -274,7 +275,7 @@ def start(
     try:
         plane.start_in_thread()
     except PanelPortBusy:
-        if _answers(plane.url):
+        if answers(plane.url):
             return Panel(plane.url)  # one owner per host: attach to it
         raise
     panel = _running[plane.url] = Panel(plane.url, plane)
