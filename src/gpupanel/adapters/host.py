@@ -218,7 +218,9 @@ class HostProbe:
         sockets = read_tcp_sockets(wanted) if wanted else []
         if sockets is None:
             self._scan_psutil(wanted, trees, listeners, tree_listening, established)
+            held = wanted
         else:
+            held = {s.port for s in sockets if s.listening}
             listen_inodes = {s.inode: s.port for s in sockets if s.listening}
             for s in sockets:
                 if not s.listening:
@@ -228,8 +230,9 @@ class HostProbe:
                     for inode in socket_inodes(p) & listen_inodes.keys():
                         listeners[listen_inodes[inode]] = pid
                         tree_listening[pid].add(listen_inodes[inode])
-        if wanted - listeners.keys():
-            self._scan_system(wanted - listeners.keys(), listeners)
+        strangers = (wanted & held) - listeners.keys()  # listened on, by no watched tree
+        if strangers:
+            self._scan_system(strangers, listeners)
         return listeners, tree_listening, established
 
     def _scan_psutil(
