@@ -5,9 +5,10 @@
   to a healthy worker that has it, failing over before the first byte;
 - `/v1/models` lists the models of all healthy workers.
 
-A raw ASGI handler: the hot path reads the body once, forwards it with one pooled aiohttp
-client (httpx's pool was the bottleneck under concurrency, see benchmarks/README.md), and
-streams the answer back chunk by chunk as it arrives, with the ASGI server's backpressure.
+A raw ASGI handler: the hot path reads the body once, forwards it with one pooled client
+made for it (`upstream.py`: httpx's pool, then aiohttp's client, cost too much CPU per
+request and per chunk, see benchmarks/README.md), and streams the answer back chunk by
+chunk as it arrives, with the ASGI server's backpressure.
 An answer that has arrived whole with its headers (a small non-streamed one) goes back in
 one message, without the per-stream hang-up watcher. A client that hangs up cancels the
 upstream request at once. Every forwarded request is in the in-flight registry until it
@@ -21,10 +22,11 @@ import contextlib
 import json
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
-import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
+from gpupanel.api.upstream import Response, UpstreamError, UpstreamPool
 from gpupanel.core.routing import candidates
 from gpupanel.core.worker import WorkerState
 from gpupanel.services.traffic import InFlight, valid_app_name
@@ -129,29 +131,32 @@ def _model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
+def _target(scope: Scope, path: str) -> bytes:
+    """The request target for the worker: `path` (the end of the request's path) as the
+    client encoded it, and the query string, byte for byte."""
+    raw: bytes | None = scope.get("raw_path")
+    prefix = scope["path"][: len(scope["path"]) - len(path)].encode()
+    if raw and raw.startswith(prefix):
+        target = raw[len(prefix) :]
+    else:
+        target = quote(path, safe="/:@!$&'()*+,;=~").encode()
+    query: bytes = scope.get("query_string", b"")
+    return target + b"?" + query if query else target
+
+
 class Proxy:
     """The ASGI handler for `/proxy/...` and `/v1/...`."""
 
     def __init__(self, cp: ControlPlane, max_body: int = MAX_BODY) -> None:
         self.cp = cp
         self.max_body = max_body
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-                cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies of its own
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            )
-        return self._session
+        # Connect within 5 s, then wait for the answer as long as the worker takes. Idle
+        # connections are dropped after 4 s, before llama-server's and uvicorn's (vLLM's) 5 s
+        # keep-alive ends, so a connection the worker is closing is never reused.
+        self.upstream = UpstreamPool(connect_timeout_s=5.0, idle_timeout_s=4.0)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.upstream.close()
 
     # ---- dispatch -------------------------------------------------------------------------
 
@@ -316,36 +321,29 @@ class Proxy:
 
         Raises _UpstreamFailed only before the first byte was sent to the client.
         """
-        query = scope.get("query_string", b"")
-        url = f"http://127.0.0.1:{worker.port}{path}" + (
-            f"?{query.decode('latin-1')}" if query else ""
-        )
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in _DROP_REQUEST
-        ]
+        target = _target(scope, path)
+        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
         try:
-            upstream = await self.session.request(
-                scope["method"], url, data=body or None, headers=headers, allow_redirects=False
+            upstream = await self.upstream.request(
+                worker.port, scope["method"], target, headers, body
             )
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise _UpstreamFailed(str(exc) or type(exc).__name__) from None
+        except UpstreamError as exc:
+            raise _UpstreamFailed(str(exc)) from None
         try:
             if upstream.status == 503 and path in ROUTED:
-                raise _UpstreamFailed(
-                    f"busy (503): {(await upstream.read())[:200].decode(errors='replace')}",
-                    busy=True,
-                )
-            out = [
-                (k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _DROP_RESPONSE
-            ]
+                try:
+                    reason = (await upstream.read())[:200].decode(errors="replace")
+                except UpstreamError as exc:
+                    reason = str(exc)
+                raise _UpstreamFailed(f"busy (503): {reason}", busy=True)
+            lowered = ((k.lower(), v) for k, v in upstream.headers)
+            out = [(k, v) for k, v in lowered if k not in _DROP_RESPONSE]
             out += [
                 (b"x-gpupanel-worker", worker.id.encode()),
                 (b"x-request-id", entry.id.encode()),
             ]
             await send({"type": "http.response.start", "status": upstream.status, "headers": out})
-            if upstream.content.is_eof():
+            if upstream.complete:
                 await self._whole(send, upstream, entry)
             else:
                 await self._stream(receive, send, upstream, entry)
@@ -353,27 +351,22 @@ class Proxy:
             upstream.release()
 
     @staticmethod
-    async def _whole(send: Send, upstream: aiohttp.ClientResponse, entry: InFlight) -> None:
+    async def _whole(send: Send, upstream: Response, entry: InFlight) -> None:
         """Send an answer whose body has already arrived in full (a small non-streamed one)
         in one message: with nothing left to wait for, no hang-up watcher is needed."""
-        try:
-            body = await upstream.content.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            entry.failed = True
-            upstream.close()
-            raise _Abandoned from None
+        body = await upstream.read()
         if body:
             entry.chunks += 1
             entry.bytes += len(body)
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(
-        self, receive: Receive, send: Send, upstream: aiohttp.ClientResponse, entry: InFlight
+        self, receive: Receive, send: Send, upstream: Response, entry: InFlight
     ) -> None:
         """Copy the upstream body to the client; stop upstream at once if the client leaves."""
 
         async def pump() -> None:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.next_chunk():
                 entry.chunks += 1
                 entry.bytes += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -397,7 +390,7 @@ class Proxy:
                 upstream.close()  # drop the upstream connection: the worker sees the hang-up
                 with contextlib.suppress(asyncio.CancelledError):
                     await copying
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except UpstreamError:
             entry.failed = True
             upstream.close()
             raise _Abandoned from None  # mid-stream upstream failure: the response is already started
