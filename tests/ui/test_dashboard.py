@@ -14,6 +14,7 @@ import ipywidgets as widgets
 import pytest
 
 from gpupanel import cli
+from gpupanel.errors import GpuPanelError
 from gpupanel.sim.workstation import parse_spec
 from gpupanel.ui import voila
 from gpupanel.ui.dashboard import Dashboard, waiting_message
@@ -121,8 +122,9 @@ def test_busy_dashboard_port_is_a_clear_error() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(voila.DashboardError, match=f"port {port} on 127.0.0.1 is already"):
-            voila.check_port_free(port)
+        with pytest.raises(GpuPanelError, match=f"port {port} on 127.0.0.1 is already") as err:
+            voila.check_port_free(port, "--dashboard-port")
+        assert "pick another port with --dashboard-port" in str(err.value)
 
 
 def test_gpupanel_dashboard_without_voila_says_how_to_install(

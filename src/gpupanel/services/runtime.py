@@ -48,8 +48,9 @@ class PanelPortBusy(GpuPanelError):
     """The panel port is taken (often by a gpupanel that already runs)."""
 
 
-def bind_panel_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen on host:port now, so a busy port fails here with a clear message."""
+def bind_panel_socket(host: str, port: int, option: str = "--port") -> socket.socket:
+    """Bind and listen on host:port now, so a busy port fails here with a clear message
+    (naming `option`, the command-line option that picks another port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: accepted sockets inherit it, and only then does asyncio (unlike
     # uvloop) set TCP_NODELAY on them; with Nagle on, an answer's body waits ~40 ms for an ACK.
@@ -62,7 +63,7 @@ def bind_panel_socket(host: str, port: int) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise PanelPortBusy(
                 f"port {port} on {host} is already in use; if gpupanel runs there, use it "
-                f"(`gpupanel workers`), or pick another port with --port"
+                f"(`gpupanel workers`), or pick another port with {option}"
             ) from None
         raise PanelPortBusy(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(128)

@@ -10,7 +10,6 @@ saying so, when the culler finds them unwatched and quiet.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib.util
 import os
 import signal
@@ -26,6 +25,7 @@ from typing import IO
 import psutil
 
 from gpupanel.errors import GpuPanelError
+from gpupanel.services.runtime import bind_panel_socket
 from gpupanel.ui.panel import URL_ENV, answers
 
 DEFAULT_DASHBOARD_PORT = 17320
@@ -75,19 +75,9 @@ def voila_command(port: int, notebook: Path | None = None, log_level: str = "WAR
 
 
 def check_port_free(port: int, option: str = "--port") -> None:
-    """Raise DashboardError naming the port and the fix (`option`) when 127.0.0.1:`port`
+    """Raise a GpuPanelError naming the port and the fix (`option`) when 127.0.0.1:`port`
     is taken."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise DashboardError(
-                    f"port {port} on 127.0.0.1 is already in use, so the dashboard cannot "
-                    f"listen there; pick another port with {option}"
-                ) from None
-            raise DashboardError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+    bind_panel_socket("127.0.0.1", port, option).close()
 
 
 def _listening(port: int) -> bool:
