@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,19 @@ def test_cli_controls_workers_and_models(
         )
         assert loaded.returncode == 0 and "loaded llama3.2:1b on solo" in loaded.stdout
         assert [m["name"] for m in panel.worker("solo")["models_loaded"]] == ["llama3.2:1b"]
+
+        # /panel/events: server-sent events, one snapshot per tick.
+        times = []
+        with panel.http.stream("GET", "/panel/events", timeout=30) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    snap = json.loads(line[6:])
+                    assert snap["workers"]["solo"]["status"] == "running"
+                    times.append(snap["time"])
+                    if len(times) == 3:
+                        break
+        assert times == sorted(times) and times[2] > times[0]
 
         stopped = cli("workers", "stop", "--all", env=env)
         assert stopped.returncode == 0 and "solo: stop done (status stopped" in stopped.stdout

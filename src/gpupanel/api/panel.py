@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gpupanel.api.errors import panel_error
-from gpupanel.core.model import jsonable
+from gpupanel.core.model import Snapshot, jsonable
 from gpupanel.errors import GpuPanelError, RuntimeRequestError
 from gpupanel.services.loader import LoadRequest, estimate_json
 from gpupanel.services.supervisor import WorkerError
@@ -121,6 +121,23 @@ def routes(cp: ControlPlane) -> list[Route]:
         )
         await cp.refresh()
         return JSONResponse({"result": result})
+
+    async def events(request: Request) -> Response:
+        """Server-sent events: the current snapshot, then one per tick, until the client leaves."""
+
+        async def stream() -> AsyncIterator[bytes]:
+            snap: Snapshot | None = cp.snapshot
+            while True:
+                if snap is not None:
+                    yield b"event: snapshot\ndata: " + json.dumps(snap.to_json()).encode() + b"\n\n"
+                else:
+                    yield b": keep-alive\n\n"
+                if await request.is_disconnected():
+                    return
+                snap = await cp.next_snapshot(timeout=15.0)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     async def warnings(request: Request) -> Response:
         return JSONResponse({"warnings": jsonable(cp.snapshot.warnings)})
@@ -232,6 +249,7 @@ def routes(cp: ControlPlane) -> list[Route]:
         Route("/panel/estimate", _guarded(estimate)),
         Route("/panel/requests", _guarded(requests)),
         Route("/panel/warnings", _guarded(warnings)),
+        Route("/panel/events", _guarded(events)),
         Route("/panel/apps", _guarded(apps)),
         Route("/panel/apps", _guarded(register_app), methods=["POST"]),
         Route("/panel/snapshot", _guarded(snapshot)),

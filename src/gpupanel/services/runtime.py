@@ -124,6 +124,7 @@ class ControlPlane:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.url = f"http://{config.panel.host}:{config.panel.port}"
         self._stop: asyncio.Event | None = None
+        self._published: asyncio.Condition | None = None
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
@@ -205,6 +206,19 @@ class ControlPlane:
         ports = [w.spec.port for w in managed]
         raw = await asyncio.to_thread(self.sampler.snapshot, pids, ports)
         self.snapshot = self.compose(raw)
+        if self._published is not None:
+            async with self._published:
+                self._published.notify_all()
+        return self.snapshot
+
+    async def next_snapshot(self, timeout: float) -> Snapshot | None:
+        """The next snapshot published (None if none comes within `timeout` seconds)."""
+        assert self._published is not None, "the control plane is not running"
+        async with self._published:
+            try:
+                await asyncio.wait_for(self._published.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
         return self.snapshot
 
     async def tick(self) -> None:
@@ -218,6 +232,7 @@ class ControlPlane:
         """Serve until `stop()`: adopt recorded workers, start missing ones, tick, serve HTTP."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._published = asyncio.Condition()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
         self.supervisor = Supervisor(self.config, self.store, self.client)
         server = _Server(
