@@ -265,9 +265,9 @@ class Demo:
             )
             self.say(f"  traffic       {apps} (openai client, streamed)")
         self.say(f"  temporary files {self.root}")
-        until = f"for {self.options.duration:g} s; " if self.options.duration is not None else ""
+        until = f" for {self.options.duration:g} s" if self.options.duration is not None else ""
         self.say(
-            f"Running {until}Ctrl-C stops the demo: traffic, dashboard, workers and control "
+            f"Running{until}; Ctrl-C stops the demo: traffic, dashboard, workers and control "
             "plane, and removes its temporary files."
         )
 
