@@ -63,6 +63,13 @@ class Panel:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
 
+    def shutdown(self) -> None:
+        """Stop every worker through the API, then the control plane (test cleanup)."""
+        with contextlib.suppress(httpx.HTTPError):
+            for worker_id in self.workers():
+                self.post(f"/panel/workers/{worker_id}/stop")
+        self.stop()
+
     def workers(self) -> dict[str, dict[str, Any]]:
         return dict(self.http.get("/panel/workers").json()["workers"])
 

@@ -86,5 +86,4 @@ def test_cli_controls_workers_and_models(
         nobody = cli("workers", "--url", f"http://127.0.0.1:{free_port()}", env=env)
         assert nobody.returncode == 1 and "no gpupanel control plane answers" in nobody.stderr
     finally:
-        panel.post("/panel/workers/solo/stop")
-        panel.stop()
+        panel.shutdown()

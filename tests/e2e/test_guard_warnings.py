@@ -195,9 +195,7 @@ def test_guard_estimator_and_every_warning(
     finally:
         if outsider is not None:
             outsider.kill()
-        for wid in ("a", "w"):
-            panel.post(f"/panel/workers/{wid}/stop")
-        panel.stop()
+        panel.shutdown()
 
 
 def test_strict_mode_unloads_what_landed_on_the_cpu(
@@ -231,5 +229,4 @@ def test_strict_mode_unloads_what_landed_on_the_cpu(
         llama = panel.post("/panel/workers/s/load", json={"model": "nope:1b"})
         assert llama.status_code in (404, 502) and "nope:1b" in llama.json()["error"]["message"]
     finally:
-        panel.post("/panel/workers/s/stop")
-        panel.stop()
+        panel.shutdown()

@@ -97,5 +97,4 @@ def test_llama_server_worker_end_to_end(
         assert stopped["result"] == "terminated" and stopped["worker"]["status"] == "stopped"
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     finally:
-        panel.post("/panel/workers/llama/stop")
-        panel.stop()
+        panel.shutdown()

@@ -92,9 +92,7 @@ def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
         )
         yield p
     finally:
-        for wid in "abcdef":
-            p.post(f"/panel/workers/{wid}/stop")
-        p.stop()
+        p.shutdown()
         kill_simulated(sim_dir)
 
 

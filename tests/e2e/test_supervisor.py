@@ -121,9 +121,7 @@ def test_pinned_workers_restart_after_kill_and_survive_the_control_plane(
             not psutil.pid_exists(after["pid"]) or psutil.Process(after["pid"]).status() == "zombie"
         )
     finally:
-        panel.post("/panel/workers/a/stop")
-        panel.post("/panel/workers/b/stop")
-        panel.stop()
+        panel.shutdown()
 
 
 def test_ignoring_cuda_visible_devices_shows_wrong_gpu(
@@ -147,9 +145,7 @@ def test_ignoring_cuda_visible_devices_shows_wrong_gpu(
         load(ports[0])
         wait_for(lambda: panel.worker("a")["pin"] == "verified", 10, "a verified")
     finally:
-        panel.post("/panel/workers/a/stop")
-        panel.post("/panel/workers/b/stop")
-        panel.stop()
+        panel.shutdown()
 
 
 def test_stop_by_pid_refuses_what_is_not_ours_and_port_conflicts_are_reported(
@@ -191,8 +187,7 @@ def test_stop_by_pid_refuses_what_is_not_ours_and_port_conflicts_are_reported(
     finally:
         squatter.kill()
         stranger.kill()
-        panel.post("/panel/workers/a/stop")
-        panel.stop()
+        panel.shutdown()
 
 
 def test_a_worker_that_keeps_crashing_is_reported_as_a_crash_loop(
