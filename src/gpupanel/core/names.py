@@ -1,0 +1,24 @@
+"""Model names: one copy of the rule that `name` and `name:latest` are the same model.
+
+Ollama tags every model; a name without a tag means `:latest`. A tag is what follows the
+last `:` of the last path segment (`host:5000/llama3` has none, `hf.co/x/y:Q4_K_M` has one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def canonical_model(name: str) -> str:
+    """`name` with its tag made explicit (`llama3` -> `llama3:latest`)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Do `a` and `b` name the same model (`llama3` and `llama3:latest` do)?"""
+    return a == b or canonical_model(a) == canonical_model(b)
+
+
+def find_model(model: str, names: Iterable[str]) -> str | None:
+    """The first of `names` that is the same model as `model`, if any."""
+    return next((n for n in names if same_model(model, n)), None)
