@@ -85,3 +85,30 @@ def test_snapshot_without_a_driver_is_one_clear_line() -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert "no NVIDIA driver" in result.stderr and "--simulate" in result.stderr
+
+
+def test_workers_table_from_a_typed_snapshot() -> None:
+    from gpupanel.cli import format_workers
+    from gpupanel.core.snapshot import Snapshot
+    from tests.ui.test_widget_units import synthetic
+
+    snap = Snapshot.from_json(synthetic(n=2))
+    table = format_workers(snap.workers).splitlines()
+    assert table[0].split() == ["ID", "RUNTIME", "STATUS", "PIN", "PID", "PORT", "GPU", "RESTARTS"]
+    row = ["gpu0", "ollama", "running", "verified", "4000", "11435", "0:GPU-00000000", "0"]
+    assert table[1].split() == row
+    assert len(table) == 3  # no worker has a last error
+
+
+def test_progress_line_and_defaults_share_one_definition(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpupanel import cli, client
+    from gpupanel.core.config import DEFAULT_PANEL_PORT
+    from gpupanel.launchers.voila import DEFAULT_DASHBOARD_PORT
+
+    line = cli.progress_line({"status": "pulling", "total": 4 * 1024**3, "completed": 1024**3})
+    assert line.endswith("[#######-----------------------]   1.00/4.00 GiB")
+    monkeypatch.delenv(client.URL_ENV, raising=False)
+    args = cli.build_parser().parse_args(["dashboard"])
+    assert (args.port, args.url) == (DEFAULT_DASHBOARD_PORT, client.DEFAULT_URL)
+    assert client.DEFAULT_URL.endswith(f"127.0.0.1:{DEFAULT_PANEL_PORT}")
+    assert cli.build_parser().parse_args(["demo"]).port == DEFAULT_PANEL_PORT

@@ -16,44 +16,44 @@ from typing import TYPE_CHECKING, Any
 from gpupanel._version import __version__
 
 if TYPE_CHECKING:
-    from gpupanel.ui.panel import Panel
+    from gpupanel.client import Panel
 
 
 def start(
     config: str | None = None, simulate: bool | str = False, port: int | None = None
 ) -> Panel:
     """Start the control plane in this process (or attach to the one on the port)."""
-    from gpupanel.ui.panel import start as _start
+    from gpupanel.client import start as _start
 
     return _start(config=config, simulate=simulate, port=port)
 
 
 def connect(url: str | None = None, wait_s: float = 0.0) -> Panel:
     """A Panel on a running control plane (default `$GPUPANEL_URL`, else 127.0.0.1:8765)."""
-    from gpupanel.ui.panel import connect as _connect
+    from gpupanel.client import connect as _connect
 
     return _connect(url=url, wait_s=wait_s)
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """`%load_ext gpupanel`."""
-    from gpupanel.ui.magics import load_ipython_extension as _load
+    from gpupanel.magics import load_ipython_extension as _load
 
     _load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """`%unload_ext gpupanel` / `%reload_ext gpupanel`."""
-    from gpupanel.ui.magics import unload_ipython_extension as _unload
+    from gpupanel.magics import unload_ipython_extension as _unload
 
     _unload(ipython)
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Panel", "PanelError"):
-        from gpupanel.ui import panel
+        from gpupanel import client
 
-        return getattr(panel, name)
+        return getattr(client, name)
     raise AttributeError(f"module 'gpupanel' has no attribute {name!r}")
 
 

@@ -11,21 +11,21 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from gpupanel._version import __version__
-from gpupanel.core.model import GpuSample, Snapshot
+from gpupanel.client import DEFAULT_URL, URL_ENV
+from gpupanel.core.config import DEFAULT_PANEL_PORT
+from gpupanel.core.model import GpuSample
+from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.units import gib
+from gpupanel.core.worker import WorkerState
 from gpupanel.errors import GpuPanelError, NoDriverError
+from gpupanel.launchers.voila import DEFAULT_DASHBOARD_PORT
 
 if TYPE_CHECKING:
-    from gpupanel.ui.panel import Panel
-
-GIB = 1024**3
+    from gpupanel.client import Panel
 
 
 def _num(value: float | int | None, fmt: str, unit: str = "") -> str:
     return "?" if value is None else f"{value:{fmt}}{unit}"
-
-
-def _gib(value: int | None) -> str:
-    return "?" if value is None else f"{value / GIB:.1f}"
 
 
 def format_gpu(g: GpuSample) -> list[str]:
@@ -35,13 +35,13 @@ def format_gpu(g: GpuSample) -> list[str]:
     power = f"{_num(g.power_w, '.0f')} / {_num(g.power_limit_w, '.0f')} W"
     lines = [
         f"{g.index:<4}{g.uuid}  {g.name or '?'}\n"
-        f"    memory {_gib(g.memory.used)} / {_gib(g.memory.total)} GiB"
+        f"    memory {gib(g.memory.used, unit=False)} / {gib(g.memory.total)}"
         f"   util {_num(g.utilization.gpu, 'd', ' %')}"
         f"   power {power}   temp {_num(g.temperature_c, 'd', ' C')}"
     ]
     for p in g.processes:
         owner = f"worker {p.worker}" if p.worker else "unmanaged"
-        lines.append(f"    pid {p.pid:<8} {_gib(p.used_memory)} GiB   {owner}")
+        lines.append(f"    pid {p.pid:<8} {gib(p.used_memory)}   {owner}")
     if not g.processes:
         lines.append("    no compute processes")
     return lines
@@ -73,10 +73,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_URL = "http://127.0.0.1:8765"
-DASHBOARD_PORT = 17320
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -89,8 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     plane = control_plane(args.config, args.simulate, args.host, args.port)
     config, panel = plane.config, plane.config.panel
-    gpus = [g.uuid for g in plane.backend.sample()]
-    backend = plane.backend
+    gpus = [g.uuid for g in plane.node.backend.sample()]
+    backend = plane.node.backend
     sock = bind_panel_socket(panel.host, panel.port)
     kind = "SIMULATED workstation" if backend.simulated else "workstation"
     print(f"gpupanel {__version__} on a {kind} with {len(gpus)} GPU(s); config: {config.source}")
@@ -113,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gpupanel.ui.demo import DemoOptions, run_demo
+    from gpupanel.launchers.demo import DemoOptions, run_demo
 
     options = DemoOptions(
         port=args.port,
@@ -126,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from gpupanel.ui.voila import INSTALL_HINT, serve_dashboard, voila_available
+    from gpupanel.launchers.voila import INSTALL_HINT, serve_dashboard, voila_available
 
     if not voila_available():
         print(f"gpupanel: the dashboard needs Voila: {INSTALL_HINT}", file=sys.stderr)
@@ -134,38 +130,21 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return serve_dashboard(args.port, args.url.rstrip("/"))
 
 
-def format_workers(workers: dict[str, dict[str, object]]) -> str:
-    """A table of workers as the API reports them."""
+def format_workers(workers: Sequence[WorkerState]) -> str:
+    """A table of workers (a snapshot's)."""
     rows = [("ID", "RUNTIME", "STATUS", "PIN", "PID", "PORT", "GPU", "RESTARTS")]
-    for w in workers.values():
-        gpu = (
-            f"{w['gpu_index']}:{str(w['gpu_uuid'])[:12]}"
-            if w.get("gpu_index") is not None
-            else str(w["gpu_uuid"])
-        )
-        rows.append(
-            tuple(
-                str(x)
-                for x in (
-                    w["id"],
-                    w["runtime"],
-                    w["status"],
-                    w["pin"],
-                    w["pid"] or "-",
-                    w["port"],
-                    gpu,
-                    w["restarts"],
-                )
-            )
-        )
+    for w in workers:
+        gpu = w.gpu_uuid if w.gpu_index is None else f"{w.gpu_index}:{w.gpu_uuid[:12]}"
+        pid = "-" if w.pid is None else str(w.pid)
+        rows.append((w.id, w.runtime, w.status, w.pin, pid, str(w.port), gpu, str(w.restarts)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-    errors = [f"  {w['id']}: {w['last_error']}" for w in workers.values() if w.get("last_error")]
+    errors = [f"  {w.id}: {w.last_error}" for w in workers if w.last_error]
     return "\n".join(lines + errors)
 
 
 def _connect(url: str) -> Panel:
-    from gpupanel.ui.panel import connect
+    from gpupanel.client import connect
 
     return connect(url)
 
@@ -173,7 +152,7 @@ def _connect(url: str) -> Panel:
 def cmd_workers(args: argparse.Namespace) -> int:
     panel = _connect(args.url)
     if args.action is None:
-        print(format_workers(panel.workers))
+        print(format_workers(panel.typed_snapshot().workers))
         return 0
     if args.action == "ensure":
         print(f"started: {', '.join(panel.ensure()) or 'nothing (all running)'}")
@@ -193,7 +172,7 @@ def progress_line(line: dict[str, object], width: int = 30) -> str:
     if isinstance(total, int) and total > 0 and isinstance(done, int):
         filled = int(width * min(done, total) / total)
         bar = "#" * filled + "-" * (width - filled)
-        return f"{status[:40]:<40} [{bar}] {done / GIB:6.2f}/{total / GIB:.2f} GiB"
+        return f"{status[:40]:<40} [{bar}] {gib(done, 2, unit=False):>6}/{gib(total, 2)}"
     return status
 
 
@@ -253,8 +232,8 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 def _add_url(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
-        default=os.environ.get("GPUPANEL_URL", DEFAULT_URL),
-        help=f"control plane URL (default $GPUPANEL_URL or {DEFAULT_URL})",
+        default=os.environ.get(URL_ENV, DEFAULT_URL),
+        help=f"control plane URL (default ${URL_ENV} or {DEFAULT_URL})",
     )
 
 
@@ -275,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gpupanel.toml (default: $GPUPANEL_CONFIG, ./gpupanel.toml)",
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="panel port (default 8765)")
+    p.add_argument("--port", type=int, help=f"panel port (default {DEFAULT_PANEL_PORT})")
     _add_simulate(p)
     p.set_defaults(func=cmd_serve)
 
@@ -283,13 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole thing on a simulated 4-GPU workstation: workers, traffic, dashboard",
     )
-    p.add_argument("--port", type=int, default=8765, help="panel port (default 8765)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PANEL_PORT,
+        help=f"panel port (default {DEFAULT_PANEL_PORT})",
+    )
     p.add_argument(
         "--dashboard-port",
         dest="dashboard_port",
         type=int,
-        default=DASHBOARD_PORT,
-        help=f"dashboard port (default {DASHBOARD_PORT})",
+        default=DEFAULT_DASHBOARD_PORT,
+        help=f"dashboard port (default {DEFAULT_DASHBOARD_PORT})",
     )
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     p.add_argument("--no-traffic", action="store_true", help="do not generate traffic")
@@ -298,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboard", help="serve the Voila dashboard of the running control plane")
     p.add_argument(
-        "--port", type=int, default=DASHBOARD_PORT, help=f"port (default {DASHBOARD_PORT})"
+        "--port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        help=f"port (default {DEFAULT_DASHBOARD_PORT})",
     )
     _add_url(p)
     p.set_defaults(func=cmd_dashboard)

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 
 class GpuPanelError(Exception):
-    """Base of every error gpupanel raises on purpose."""
+    """Base of every error gpupanel raises on purpose. `code` is a stable machine-readable
+    name for the case (e.g. `worker_not_found`), where callers may want to tell cases apart."""
+
+    def __init__(self, message: str = "", code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NoDriverError(GpuPanelError):
@@ -45,6 +50,10 @@ class Invalid(GpuPanelError):
     the field and the fix."""
 
 
+class TooLarge(Invalid):
+    """The request is over a size limit."""
+
+
 class Conflict(GpuPanelError):
     """The request is valid but clashes with the current state (a port taken, a load that
     would not fit, an action the worker's runtime cannot do)."""
@@ -75,5 +84,5 @@ class RuntimeRequestError(WorkerFailed):
     """
 
     def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, "worker_error")
         self.status = status

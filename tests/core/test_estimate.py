@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gpupanel.core.estimate import GIB, default_num_ctx, effective_num_ctx, kv_cache_bytes
+from gpupanel.core.estimate import default_num_ctx, effective_num_ctx, kv_cache_bytes
+from gpupanel.core.units import GIB
 from gpupanel.sim.catalogue import load_catalogue
 
 
@@ -41,16 +42,16 @@ def test_default_context_by_vram() -> None:
     assert default_num_ctx(48 * GIB) == 262144
     spec = cat["llama3.1:8b"]
     assert (
-        effective_num_ctx(spec.context_length, None, 0, 48 * GIB) == 131072
+        effective_num_ctx(spec.shape.context_length, None, 0, 48 * GIB) == 131072
     )  # capped at the model's context
-    assert effective_num_ctx(spec.context_length, None, 0, 24 * GIB) == 32768
+    assert effective_num_ctx(spec.shape.context_length, None, 0, 24 * GIB) == 32768
     assert (
-        effective_num_ctx(spec.context_length, None, 8192, 48 * GIB) == 8192
+        effective_num_ctx(spec.shape.context_length, None, 8192, 48 * GIB) == 8192
     )  # OLLAMA_CONTEXT_LENGTH
     assert (
-        effective_num_ctx(spec.context_length, 2048, 8192, 48 * GIB) == 2048
+        effective_num_ctx(spec.shape.context_length, 2048, 8192, 48 * GIB) == 2048
     )  # options.num_ctx wins
-    assert effective_num_ctx(cat["gemma2:9b"].context_length, 1_000_000, 0, GIB) == 8192
+    assert effective_num_ctx(cat["gemma2:9b"].shape.context_length, 1_000_000, 0, GIB) == 8192
 
 
 def test_shape_from_model_info_and_the_estimate_line() -> None:

@@ -8,9 +8,9 @@ from gpupanel.core.model import (
     HostSample,
     Memory,
     PortStats,
-    Snapshot,
     Utilization,
 )
+from gpupanel.core.snapshot import Snapshot
 
 
 def _gpu(uuid: str, index: int) -> GpuSample:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gpupanel.core.model import GpuProcess, GpuSample, Memory, Snapshot, Utilization
+from gpupanel.core.model import GpuProcess, GpuSample, Memory, Utilization
+from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.warnings import Thresholds, evaluate
 from gpupanel.core.worker import Health, LoadedModel, WorkerState
 

@@ -164,10 +164,9 @@ def test_stop_by_pid_refuses_what_is_not_ours_and_port_conflicts_are_reported(
     try:
         wait_for(lambda: running(panel, "a"), 30, "worker a running")
         b = wait_for(lambda: (w := panel.worker("b"))["last_error"] and w, 10, "b's port conflict")
-        assert (
-            b["status"] == "stopped"
-            and f"port {ports[1]} is taken by pid {squatter.pid}" in b["last_error"]
-        )
+        assert b["status"] == "blocked" and b["lifecycle"] == "blocked"
+        assert f"port {ports[1]} is taken by pid {squatter.pid}" in b["last_error"]
+        assert b["blocked_by"]["pid"] == squatter.pid
         refused = panel.post(f"/panel/processes/{stranger.pid}/stop")
         assert refused.status_code == 409
         assert (
@@ -229,3 +228,65 @@ def test_a_worker_that_keeps_crashing_is_reported_as_a_crash_loop(
         assert any("exit_on_start" in line for line in log_lines)
     finally:
         panel.stop()
+
+
+def squat(port: int) -> subprocess.Popen[bytes]:
+    """A process that listens on `port` (started at once; binding retried until it can)."""
+    code = (
+        "import socket,time\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "while True:\n"
+        f"    try: s.bind(('127.0.0.1',{port})); break\n"
+        "    except OSError: time.sleep(0.01)\n"
+        "s.listen(); print('bound', flush=True); time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"bound"
+    return proc
+
+
+def test_a_port_taken_at_restart_blocks_the_worker_until_it_frees(
+    tmp_path: Path, panel_env: dict[str, str], workstation: list[str]
+) -> None:
+    """kill -9 a worker, take its port before the restart: `blocked` with a port_taken
+    warning naming the holder; free the port: the worker is back on its GPU and port by
+    itself, with no call from anyone."""
+    port = free_port()
+    panel = serve(
+        tmp_path,
+        panel_env,
+        f"""
+        [panel]
+        restart_backoff_s = 2.0
+
+        [[workers]]
+        id = "a"
+        gpu = 0
+        port = {port}
+        """,
+    )
+    squatter: subprocess.Popen[bytes] | None = None
+    try:
+        before = wait_for(lambda: running(panel, "a"), 30, "worker a running")["a"]
+        os.kill(before["pid"], signal.SIGKILL)
+        squatter = squat(port)
+        blocked = wait_for(
+            lambda: (w := panel.worker("a"))["lifecycle"] == "blocked" and w, 15, "a blocked"
+        )
+        assert blocked["status"] == "blocked" and blocked["pid"] is None
+        warnings = panel.http.get("/panel/warnings").json()["warnings"]
+        taken = [w for w in warnings if w["code"] == "port_taken" and w["subject"] == "a"]
+        assert len(taken) == 1 and f"pid {squatter.pid}" in taken[0]["message"]
+        assert f"port {port}" in taken[0]["message"]
+
+        squatter.kill()
+        squatter.wait()
+        back = wait_for(lambda: running(panel, "a"), 30, "worker a back by itself")["a"]
+        assert (back["gpu_uuid"], back["port"]) == (before["gpu_uuid"], before["port"])
+        assert back["pid"] not in (None, before["pid"]) and back["lifecycle"] == "running"
+        codes = {w["code"] for w in panel.http.get("/panel/warnings").json()["warnings"]}
+        assert "port_taken" not in codes
+    finally:
+        if squatter is not None:
+            squatter.kill()
+        panel.shutdown()

@@ -7,14 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from gpupanel.core.units import GIB
 from gpupanel.errors import ConfigError
 from gpupanel.sim.catalogue import BUILTIN, human_number, load_catalogue, lookup, normalise_name
-from gpupanel.sim.placement import (
-    GIB,
-    GRAPH_OVERHEAD,
-    model_bytes,
-    place,
-)
+from gpupanel.sim.placement import GRAPH_OVERHEAD, model_bytes, place
 
 # reference/models.md: "KV B/tok f16" (every layer at full context), None for the encoder
 MODELS_MD_KV_PER_TOKEN = {
@@ -52,7 +48,7 @@ def test_catalogue_has_the_25_models_of_models_md_with_their_shapes() -> None:
     assert len(BUILTIN) == 25
     for name, per_token in MODELS_MD_KV_PER_TOKEN.items():
         spec = catalogue[name]
-        naive = 2 * spec.block_count * spec.head_count_kv * spec.kv_head_dim * 2
+        naive = 2 * spec.shape.block_count * spec.shape.head_count_kv * spec.shape.kv_head_dim * 2
         assert (None if spec.embedding_only else naive) == per_token, name
 
 
@@ -112,8 +108,8 @@ def test_catalogue_override_file(tmp_path: Path) -> None:
         )
     )
     cat = load_catalogue(path)
-    assert cat["llama3.1:8b"].size == 5_000_000_000 and cat["llama3.1:8b"].block_count == 32
-    assert cat["tiny:1b"].kv_head_dim == 64 and len(cat) == 26
+    assert cat["llama3.1:8b"].size == 5_000_000_000 and cat["llama3.1:8b"].shape.block_count == 32
+    assert cat["tiny:1b"].shape.kv_head_dim == 64 and len(cat) == 26
     path.write_text(json.dumps({"include_builtin": False, "models": [{"name": "qwen2.5:7b"}]}))
     assert list(load_catalogue(path)) == ["qwen2.5:7b"]
     path.write_text(json.dumps([{"name": "new:1b", "architecture": "llama"}]))
@@ -153,3 +149,23 @@ def test_placement_single_spread_partial() -> None:
 def test_model_bytes_is_weights_plus_kv_plus_overhead() -> None:
     spec = load_catalogue()["llama3.1:8b"]
     assert model_bytes(spec, 8192, 1, "f16") == spec.size + GIB + GRAPH_OVERHEAD
+
+
+def test_a_model_spec_holds_cores_shape_instead_of_repeating_it(tmp_path: Path) -> None:
+    import dataclasses
+
+    from gpupanel.core.estimate import ModelShape
+    from gpupanel.sim.catalogue import ModelSpec
+
+    shape_fields = {f.name for f in dataclasses.fields(ModelShape)}
+    assert not shape_fields & {f.name for f in dataclasses.fields(ModelSpec)}
+    spec = load_catalogue()["gemma3:12b"]
+    assert isinstance(spec.shape, ModelShape)
+    assert (spec.shape.architecture, spec.shape.sliding_window) == ("gemma3", 1024)
+    # the catalogue file stays flat: a shape field overrides the built-in's shape
+    path = tmp_path / "cat.json"
+    path.write_text(json.dumps({"models": [{"name": "gemma3:12b", "context_length": 8192}]}))
+    changed = load_catalogue(path)["gemma3:12b"]
+    assert changed.shape == dataclasses.replace(spec.shape, context_length=8192)
+    assert changed.model_info()["gemma3.context_length"] == 8192
+    assert changed.size == spec.size

@@ -23,10 +23,11 @@ import openai
 import psutil
 import pytest
 
+from gpupanel.core.units import GIB
 from gpupanel.sim.backend import SimulatedGpuBackend
 from gpupanel.sim.catalogue import load_catalogue
 from gpupanel.sim.ledger import Ledger
-from gpupanel.sim.placement import GIB, GRAPH_OVERHEAD, model_bytes
+from gpupanel.sim.placement import GRAPH_OVERHEAD, model_bytes
 from gpupanel.sim.workstation import Workstation, parse_spec
 
 pytestmark = pytest.mark.slow

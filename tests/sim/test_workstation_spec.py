@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from gpupanel.core.units import GIB
 from gpupanel.errors import ConfigError
-from gpupanel.sim.workstation import GIB, Workstation, parse_spec
+from gpupanel.sim.workstation import Workstation, parse_spec
 
 
 def test_default_workstation_is_two_24_and_two_48_gib_cards_with_stable_uuids() -> None:

@@ -14,13 +14,13 @@ import ipywidgets as widgets
 import pytest
 
 from gpupanel import cli
+from gpupanel.client import Panel, PanelError
+from gpupanel.dashboard.app import Dashboard, waiting_message
 from gpupanel.errors import GpuPanelError
+from gpupanel.launchers import voila
+from gpupanel.launchers.demo import PULLED, demo_config
+from gpupanel.launchers.demo_traffic import Caller, TrafficGenerator
 from gpupanel.sim.workstation import parse_spec
-from gpupanel.ui import voila
-from gpupanel.ui.dashboard import Dashboard, waiting_message
-from gpupanel.ui.demo import PULLED, demo_config
-from gpupanel.ui.demo_traffic import Caller, TrafficGenerator
-from gpupanel.ui.panel import Panel, PanelError
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ def test_dashboard_notebook_is_tiny_and_shipped() -> None:
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     link = ROOT / "notebooks" / "dashboard.ipynb"
     assert link.is_symlink() and not os.path.isabs(os.readlink(link))
-    assert link.resolve() == (ROOT / "src/gpupanel/ui/dashboard.ipynb").resolve()
+    assert link.resolve() == (ROOT / "src/gpupanel/dashboard/dashboard.ipynb").resolve()
 
 
 def test_voila_command_listens_on_loopback_and_culls_kernels() -> None:

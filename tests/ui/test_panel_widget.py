@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 import gpupanel
+from gpupanel.client import Panel, PanelError
 from gpupanel.sim.workstation import parse_spec
-from gpupanel.ui.panel import Panel, PanelError
 from gpupanel.ui.widgets import PanelWidget
 from tests.conftest import free_port
 from tests.e2e.conftest import kill_simulated

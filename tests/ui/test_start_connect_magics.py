@@ -13,8 +13,8 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import gpupanel
+from gpupanel.client import Panel, PanelError
 from gpupanel.sim.workstation import parse_spec
-from gpupanel.ui.panel import Panel, PanelError
 from tests.conftest import free_port
 from tests.e2e.conftest import kill_simulated, wait_for
 

@@ -11,13 +11,14 @@ from typing import Any
 import ipywidgets
 import pytest
 
-from gpupanel.core.model import GpuProcess, GpuSample, Memory, Snapshot, Utilization
+from gpupanel.client import Panel, PanelError
+from gpupanel.core.model import GpuProcess, GpuSample, Memory, Utilization
 from gpupanel.core.requests import AppInfo, RequestInfo
-from gpupanel.core.warnings import Warning
+from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.warning import Warning
 from gpupanel.core.worker import Health, LoadedModel, WorkerState
 from gpupanel.ui.binder import Batch, Binder, Commands, Reply
 from gpupanel.ui.heuristics import ActivityTracker
-from gpupanel.ui.panel import Panel, PanelError
 from gpupanel.ui.widgets import PanelWidget
 from tests.conftest import free_port
 

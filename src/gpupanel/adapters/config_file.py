@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gpupanel.core.config import Config, default_config, parse_config
+from gpupanel.core.defaults import CONFIG_ENV
 from gpupanel.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -15,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_ENV = "GPUPANEL_CONFIG"
+__all__ = ["CONFIG_ENV", "find_config", "load_config"]
 
 
 def find_config(explicit: str | None = None) -> Path | None:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import psutil
 
-from gpupanel.errors import GpuPanelError
+from gpupanel.adapters.host import listening_ports, process_tree
+from gpupanel.core.lifecycle import PortHolder
+from gpupanel.errors import Forbidden, GpuPanelError, NotFound
 
 
 class LaunchError(GpuPanelError):
@@ -150,3 +152,54 @@ def rotate(log_path: Path, max_bytes: int = 10 * 1024 * 1024, keep: int = 3) -> 
     with open(log_path, "r+b") as f:
         f.truncate(0)
     return True
+
+
+def port_holder(port: int) -> PortHolder | None:
+    """The process listening on TCP `port` on this host, if any (a system-wide lookup, so
+    only when a launch is due, never per tick)."""
+    with contextlib.suppress(psutil.AccessDenied):
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN:
+                if c.pid is None:
+                    return PortHolder(None, "")
+                try:
+                    proc = psutil.Process(c.pid)
+                    command = " ".join(proc.cmdline())[:160] or proc.name()
+                except psutil.Error:
+                    command = ""
+                return PortHolder(c.pid, command)
+    return None
+
+
+def describe(pid: int) -> tuple[ProcessHandle, str]:
+    """A live process's handle and name; NotFound or Forbidden when there is none we may see."""
+    try:
+        proc = psutil.Process(pid)
+        return ProcessHandle(pid, proc.create_time()), proc.name()
+    except psutil.NoSuchProcess:
+        raise NotFound(f"no process {pid}") from None
+    except psutil.AccessDenied:
+        raise Forbidden(f"pid {pid} belongs to another user; gpupanel cannot stop it") from None
+
+
+class OsProcesses:
+    """The operating system's processes, as the supervisor uses them (its fakes in tests
+    implement the same methods)."""
+
+    spawn = staticmethod(spawn)
+    is_alive = staticmethod(is_alive)
+    stop = staticmethod(stop)
+    tail = staticmethod(tail)
+    reap = staticmethod(reap)
+    rotate = staticmethod(rotate)
+    port_holder = staticmethod(port_holder)
+    describe = staticmethod(describe)
+
+    @staticmethod
+    def listens(pid: int, port: int) -> bool:
+        """Does the process tree of `pid` listen on `port`?"""
+        return port in listening_ports(process_tree(pid))
+
+    @staticmethod
+    def tree(pid: int) -> list[int]:
+        return process_tree(pid)

@@ -7,21 +7,24 @@ Writes are atomic; an unreadable file is set aside (never silently overwritten).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpupanel.atomic import write_atomic
+from gpupanel.core.defaults import STATE_HOME_ENV
 
 STATE_FILE = "workers.json"
 
 
 def default_state_dir() -> Path:
     """`$XDG_STATE_HOME/gpupanel`, else `~/.local/state/gpupanel`."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+    base = os.environ.get(STATE_HOME_ENV) or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
     return Path(base) / "gpupanel"
@@ -42,6 +45,15 @@ class WorkerRecord:
     restarts: int = 0
     spec: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WorkerRecord:
+        """A record as saved; keys this version does not know (a newer one wrote them) are
+        ignored, a missing required one raises TypeError."""
+        return cls(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerRecord))
+
 
 class StateStore:
     """Load and save the worker records of one state directory."""
@@ -55,7 +67,7 @@ class StateStore:
         """The records, and a problem description if the file was unreadable (then set aside)."""
         try:
             data = json.loads(self.path.read_text())
-            return {r["id"]: WorkerRecord(**r) for r in data["workers"]}, None
+            return {r["id"]: WorkerRecord.from_json(r) for r in data["workers"]}, None
         except FileNotFoundError:
             return {}, None
         except (OSError, ValueError, KeyError, TypeError) as exc:

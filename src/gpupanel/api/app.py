@@ -1,8 +1,8 @@
-"""The HTTP app: management API and (next) the proxy, behind the localhost guard."""
+"""The HTTP app: management API and proxy, behind the localhost guard."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -13,15 +13,13 @@ from gpupanel.api import panel
 from gpupanel.api.errors import panel_error
 from gpupanel.api.proxy import Proxy
 from gpupanel.api.security import HostGuard
-
-if TYPE_CHECKING:
-    from gpupanel.services.runtime import ControlPlane
+from gpupanel.services.plane import Plane
 
 
-def build_app(cp: ControlPlane) -> ASGIApp:
-    """The ASGI app of one control plane: the proxy's paths go straight to it."""
-    proxy = Proxy(cp)
-    cp.on_shutdown(proxy.close)
+def build_app(plane: Plane, host: str) -> tuple[ASGIApp, Callable[[], Awaitable[None]]]:
+    """The ASGI app of one plane served on `host` (the proxy's paths go straight to the
+    proxy), and what closes it (the proxy's upstream connections)."""
+    proxy = Proxy(plane)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return panel_error(404, f"no route {request.method} {request.url.path}")
@@ -30,7 +28,7 @@ def build_app(cp: ControlPlane) -> ASGIApp:
         return panel_error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     management = Starlette(
-        routes=panel.routes(cp),
+        routes=panel.routes(plane),
         exception_handlers={404: not_found, 405: not_found, 500: server_error},
     )
 
@@ -41,4 +39,4 @@ def build_app(cp: ControlPlane) -> ASGIApp:
         else:
             await management(scope, receive, send)
 
-    return HostGuard(app, frozenset({cp.config.panel.host}))
+    return HostGuard(app, frozenset({host})), proxy.close

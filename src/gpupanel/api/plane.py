@@ -58,4 +58,4 @@ def control_plane(
         )
     config = replace(config, panel=panel)
     store = StateStore(Path(panel.state_dir) if panel.state_dir else None)
-    return ControlPlane(config, backend, store, build_app)
+    return ControlPlane(config, backend, store, lambda plane: build_app(plane, panel.host))

@@ -1,4 +1,5 @@
-"""The proxy: every worker behind one OpenAI-compatible endpoint (DESIGN.md section 5).
+"""The proxy: every worker behind one OpenAI-compatible endpoint (docs/architecture.md,
+"The path of a request").
 
 - `/proxy/{worker}/...` passes any method, path, query and body to that worker;
 - `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` route by the body's `model`
@@ -13,6 +14,12 @@ An answer that has arrived whole with its headers (a small non-streamed one) goe
 one message, without the per-stream hang-up watcher. A client that hangs up cancels the
 upstream request at once. Every forwarded request is in the in-flight registry until it
 ends, however it ends.
+
+The proxy sees the plane through `ProxyPlane` (the snapshot, the traffic registry, and two
+hooks that keep routing current): when a pull, create, copy, delete, load or unload passes
+through `/proxy/{id}/api/...`, the worker's model list is refreshed before the answer ends,
+and a routed request for a model no worker is known to have re-probes the workers once.
+Errors are gpupanel's semantic errors, answered in the route's dialect (`api/errors.py`).
 """
 
 from __future__ import annotations
@@ -21,18 +28,26 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 from urllib.parse import quote
 
 from starlette.types import Message, Receive, Scope, Send
 
+from gpupanel.api.errors import dialect_body
 from gpupanel.api.upstream import Response, UpstreamError, UpstreamPool
-from gpupanel.core.routing import candidates
+from gpupanel.core.routing import candidates, serves
+from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.worker import WorkerState
-from gpupanel.services.traffic import InFlight, valid_app_name
-
-if TYPE_CHECKING:
-    from gpupanel.services.runtime import ControlPlane
+from gpupanel.errors import (
+    GpuPanelError,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    WorkerFailed,
+)
+from gpupanel.services.traffic import InFlight, Traffic, valid_app_name
 
 MAX_BODY = 32 * 1024 * 1024
 ROUTED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
@@ -47,12 +62,22 @@ _DROP_RESPONSE = frozenset(
 )  # fmt: skip
 
 
-class ProxyError(Exception):
-    """An error answered to the client in its dialect, before any response byte was sent."""
+MODEL_CHANGING = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
+"""Native routes after which a worker's model list is different."""
 
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+class ProxyPlane(Protocol):
+    """What the proxy needs of the plane."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def traffic(self) -> Traffic: ...
+
+    async def models_changed(self, worker_id: str) -> None: ...
+
+    async def reprobe(self) -> None: ...
 
 
 class _Abandoned(Exception):
@@ -68,15 +93,6 @@ class _UpstreamFailed(Exception):
         self.busy = busy
 
 
-def error_body(dialect: str, err: ProxyError) -> bytes:
-    """`{"error": {...}}` for OpenAI routes, `{"error": "..."}` for native Ollama routes."""
-    if dialect == "ollama":
-        return json.dumps({"error": err.message}).encode()
-    return json.dumps(
-        {"error": {"message": err.message, "type": err.kind, "param": None, "code": err.code}}
-    ).encode()
-
-
 async def _send_json(send: Send, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -86,12 +102,7 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise ProxyError(
-                413,
-                f"request body over the limit of {limit} bytes",
-                "invalid_request_error",
-                "body_too_large",
-            )
+            raise TooLarge(f"request body over the limit of {limit} bytes", "body_too_large")
     parts: list[bytes] = []
     size = 0
     while True:
@@ -101,12 +112,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ProxyError(
-                413,
-                f"request body over the limit of {limit} bytes",
-                "invalid_request_error",
-                "body_too_large",
-            )
+            raise TooLarge(f"request body over the limit of {limit} bytes", "body_too_large")
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
@@ -117,6 +123,20 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if k == name:
             return str(v.decode("latin-1"))
     return None
+
+
+def _changes_models(path: str, body: bytes) -> bool:
+    """Does this native request change the worker's models (a pull, create, copy, delete;
+    a generate or chat with no prompt, which Ollama takes as a load or an unload)?"""
+    if path in MODEL_CHANGING:
+        return True
+    if path not in ("/api/generate", "/api/chat"):
+        return False
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        return False
+    return isinstance(data, dict) and not data.get("prompt") and not data.get("messages")
 
 
 def _model_of(body: bytes) -> str | None:
@@ -147,8 +167,8 @@ def _target(scope: Scope, path: str) -> bytes:
 class Proxy:
     """The ASGI handler for `/proxy/...` and `/v1/...`."""
 
-    def __init__(self, cp: ControlPlane, max_body: int = MAX_BODY) -> None:
-        self.cp = cp
+    def __init__(self, plane: ProxyPlane, max_body: int = MAX_BODY) -> None:
+        self.plane = plane
         self.max_body = max_body
         # Connect within 5 s, then wait for the answer as long as the worker takes. Idle
         # connections are dropped after 4 s, before llama-server's and uvicorn's (vLLM's) 5 s
@@ -167,11 +187,7 @@ class Proxy:
         try:
             app = _header(scope, b"x-gpupanel-app")
             if app is not None and not valid_app_name(app):
-                raise ProxyError(
-                    400,
-                    "header X-GPUPanel-App must be 1-64 of A-Z a-z 0-9 _ . @ : / -",
-                    "invalid_request_error",
-                )
+                raise Invalid("header X-GPUPanel-App must be 1-64 of A-Z a-z 0-9 _ . @ : / -")
             if worker_id:
                 await self._per_worker(scope, receive, send, worker_id, "/" + rest, app)
             elif path == "/v1/models" and scope["method"] == "GET":
@@ -179,121 +195,97 @@ class Proxy:
             elif path in ROUTED and scope["method"] == "POST":
                 await self._routed(scope, receive, send, app)
             else:
-                raise ProxyError(404, f"no route {scope['method']} {path}", "not_found_error")
-        except ProxyError as err:
-            await _send_json(send, err.status, error_body(dialect, err))
+                raise NotFound(f"no route {scope['method']} {path}")
+        except GpuPanelError as err:
+            await _send_json(send, *dialect_body(dialect, err))
         except _Abandoned:
             return
 
     def _worker(self, worker_id: str) -> WorkerState:
-        for w in self.cp.snapshot.workers:
+        for w in self.plane.snapshot.workers:
             if w.id == worker_id:
                 return w
-        known = ", ".join(w.id for w in self.cp.snapshot.workers) or "none"
-        raise ProxyError(
-            404,
-            f"no worker {worker_id!r} (workers: {known})",
-            "not_found_error",
-            "worker_not_found",
-        )
+        known = ", ".join(w.id for w in self.plane.snapshot.workers) or "none"
+        raise NotFound(f"no worker {worker_id!r} (workers: {known})", "worker_not_found")
 
     async def _per_worker(
         self, scope: Scope, receive: Receive, send: Send, worker_id: str, path: str, app: str | None
     ) -> None:
         worker = self._worker(worker_id)
-        if worker.status in ("stopped", "crashed") or worker.pid is None:
-            raise ProxyError(
-                503,
+        if worker.pid is None:
+            raise Unavailable(
                 f"worker {worker_id} is {worker.status}: start it with `gpupanel workers start {worker_id}`",
-                "service_unavailable",
                 "worker_down",
             )
         body = await _read_body(scope, receive, self.max_body)
-        entry = self.cp.traffic.open(
-            worker.id, _model_of(body), app, scope["path"], scope["method"]
-        )
+        traffic = self.plane.traffic
+        entry = traffic.open(worker.id, _model_of(body), app, scope["path"], scope["method"])
+        changes = path.startswith("/api/") and _changes_models(path, body)
         try:
-            await self._forward(scope, receive, send, worker, path, body, entry)
+            await self._forward(scope, receive, send, worker, path, body, entry, changes)
         except _UpstreamFailed as exc:
             entry.failed = True
-            raise ProxyError(
-                502,
+            raise WorkerFailed(
                 f"worker {worker_id} (port {worker.port}) is not reachable: {exc}",
-                "bad_gateway",
                 "worker_unreachable",
             ) from None
         finally:
-            self.cp.traffic.close(entry)
+            traffic.close(entry)
 
     async def _routed(self, scope: Scope, receive: Receive, send: Send, app: str | None) -> None:
         body = await _read_body(scope, receive, self.max_body)
         try:
             data = json.loads(body)
-        except ValueError as exc:
-            raise ProxyError(
-                400, f"request body is not valid JSON: {exc}", "invalid_request_error"
-            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise Invalid(f"request body is not valid JSON: {exc}") from None
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
-            raise ProxyError(
-                400,
-                "field 'model' is required: the model to route to",
-                "invalid_request_error",
-                "model_required",
-            )
-        workers = self.cp.snapshot.workers
-        allowed = self.cp.traffic.allowed_workers(app)
-        choice = candidates(
-            workers,
-            model,
-            self.cp.traffic.in_flight(),
-            self.cp.traffic.bench.benched(time.monotonic()),
-            allowed,
-        )
+            raise Invalid("field 'model' is required: the model to route to", "model_required")
+        traffic = self.plane.traffic
+        choice = self._choose(model, app)
+        if not choice and not any(serves(w, model) for w in self.plane.snapshot.workers):
+            await self.plane.reprobe()  # it may have appeared since the last probe
+            choice = self._choose(model, app)
         if not choice:
-            serving = [
-                w.id
-                for w in workers
-                if model in w.models_available or any(m.name == model for m in w.models_loaded)
-            ]
+            serving = [w.id for w in self.plane.snapshot.workers if serves(w, model)]
             if serving:
-                raise ProxyError(
-                    503,
+                raise Unavailable(
                     f"model {model!r} is on worker(s) {', '.join(serving)}, but none is healthy and available now",
-                    "service_unavailable",
                     "no_healthy_worker",
                 )
-            raise ProxyError(
-                404,
-                f"model {model!r} is not available on any worker",
-                "not_found_error",
-                "model_not_found",
-            )
-        entry = self.cp.traffic.open(None, model, app, scope["path"], scope["method"])
+            raise NotFound(f"model {model!r} is not available on any worker", "model_not_found")
+        entry = traffic.open(None, model, app, scope["path"], scope["method"])
         failures: list[str] = []
         try:
             for worker in choice:
                 entry.worker = worker.id
                 try:
                     await self._forward(scope, receive, send, worker, scope["path"], body, entry)
-                    self.cp.traffic.bench.succeeded(worker.id)
+                    traffic.bench.succeeded(worker.id)
                     return
                 except _UpstreamFailed as exc:
-                    self.cp.traffic.bench.failed(worker.id, time.monotonic(), hard=not exc.busy)
+                    traffic.bench.failed(worker.id, time.monotonic(), hard=not exc.busy)
                     failures.append(f"{worker.id}: {exc}")
             entry.failed = True
-            raise ProxyError(
-                502,
-                f"no worker could serve {model!r}: {'; '.join(failures)}",
-                "bad_gateway",
-                "workers_unreachable",
+            raise WorkerFailed(
+                f"no worker could serve {model!r}: {'; '.join(failures)}", "workers_unreachable"
             )
         finally:
-            self.cp.traffic.close(entry)
+            traffic.close(entry)
+
+    def _choose(self, model: str, app: str | None) -> list[WorkerState]:
+        traffic = self.plane.traffic
+        return candidates(
+            self.plane.snapshot.workers,
+            model,
+            traffic.in_flight(),
+            traffic.bench.benched(time.monotonic()),
+            traffic.allowed_workers(app),
+        )
 
     async def _models(self, send: Send) -> None:
         seen: dict[str, list[str]] = {}
-        for w in self.cp.snapshot.workers:
+        for w in self.plane.snapshot.workers:
             if w.status == "running":
                 for name in dict.fromkeys(
                     [*w.models_available, *(m.name for m in w.models_loaded)]
@@ -316,8 +308,10 @@ class Proxy:
         path: str,
         body: bytes,
         entry: InFlight,
+        changes_models: bool = False,
     ) -> None:
-        """Send the request to `worker` and stream its answer back.
+        """Send the request to `worker` and stream its answer back. With `changes_models`,
+        the worker's models are read again (and published) before the answer ends.
 
         Raises _UpstreamFailed only before the first byte was sent to the client.
         """
@@ -343,33 +337,55 @@ class Proxy:
                 (b"x-request-id", entry.id.encode()),
             ]
             await send({"type": "http.response.start", "status": upstream.status, "headers": out})
+            before_end = self._models_changed(worker.id) if changes_models else None
             if upstream.complete:
-                await self._whole(send, upstream, entry)
+                await self._whole(send, upstream, entry, before_end)
             else:
-                await self._stream(receive, send, upstream, entry)
+                await self._stream(receive, send, upstream, entry, before_end)
         finally:
             upstream.release()
 
+    def _models_changed(self, worker_id: str) -> Callable[[], Awaitable[None]]:
+        async def refresh() -> None:
+            await self.plane.models_changed(worker_id)
+
+        return refresh
+
     @staticmethod
-    async def _whole(send: Send, upstream: Response, entry: InFlight) -> None:
+    async def _whole(
+        send: Send,
+        upstream: Response,
+        entry: InFlight,
+        before_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Send an answer whose body has already arrived in full (a small non-streamed one)
         in one message: with nothing left to wait for, no hang-up watcher is needed."""
         body = await upstream.read()
         if body:
             entry.chunks += 1
             entry.bytes += len(body)
+        if before_end is not None:
+            await before_end()
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(
-        self, receive: Receive, send: Send, upstream: Response, entry: InFlight
+        self,
+        receive: Receive,
+        send: Send,
+        upstream: Response,
+        entry: InFlight,
+        before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Copy the upstream body to the client; stop upstream at once if the client leaves."""
+        """Copy the upstream body to the client; stop upstream at once if the client leaves.
+        `before_end` runs after the last upstream chunk, before the answer ends."""
 
         async def pump() -> None:
             while chunk := await upstream.next_chunk():
                 entry.chunks += 1
                 entry.bytes += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if before_end is not None:
+                await before_end()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         async def hang_up() -> Message:

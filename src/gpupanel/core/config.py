@@ -7,16 +7,28 @@ the source file, the worker and the field, and says what is expected.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gpupanel.core.defaults import DEFAULT_PANEL_PORT, DEFAULT_WORKER_PORT, LOOPBACK
 from gpupanel.errors import ConfigError
 
+# DEFAULT_*_PORT live in gpupanel.core.defaults; re-exported for existing importers.
+__all__ = [
+    "DEFAULT_PANEL_PORT",
+    "DEFAULT_WORKER_PORT",
+    "RUNTIMES",
+    "Config",
+    "PanelSettings",
+    "WorkerSpec",
+    "default_config",
+    "parse_config",
+]
+
 RUNTIMES = ("ollama", "llamacpp", "vllm")
-DEFAULT_PANEL_PORT = 8765
-DEFAULT_WORKER_PORT = 11435
 _ID = re.compile(r"^[a-z0-9_-]+$")
 
 
@@ -49,7 +61,7 @@ class WorkerSpec:
 class PanelSettings:
     """The control plane's own settings."""
 
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK
     port: int = DEFAULT_PANEL_PORT
     state_dir: str | None = None
     near_full_percent: float = 95.0
@@ -83,7 +95,7 @@ class Config:
 
 
 def default_config(gpus: Sequence[str]) -> Config:
-    """Zero-config: one Ollama worker per GPU, ids `gpu0...`, ports from 11435."""
+    """Zero-config: one Ollama worker per GPU, ids `gpu0...`, ports from DEFAULT_WORKER_PORT."""
     workers = tuple(
         WorkerSpec(
             id=f"gpu{i}",
@@ -99,10 +111,10 @@ def default_config(gpus: Sequence[str]) -> Config:
 class _Fields:
     """Typed reads of one table's fields with errors that name where the field is."""
 
-    def __init__(self, data: Mapping[str, Any], where: str, known: set[str]) -> None:
+    def __init__(self, data: Mapping[str, Any], where: str, known: Collection[str]) -> None:
         self.data = data
         self.where = where
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data).difference(known))
         if unknown:
             raise ConfigError(
                 f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})"
@@ -156,21 +168,14 @@ class _Fields:
         return {str(k): str(v) for k, v in value.items()}
 
 
-_PANEL_FIELDS = {
-    "host",
-    "port",
-    "state_dir",
-    "near_full_percent",
-    "ready_timeout_s",
-    "stop_grace_s",
-    "restart_backoff_s",
-    "load_margin_gib",
-    "strict_loads",
+_PANEL_FIELDS = frozenset(f.name for f in dataclasses.fields(PanelSettings))
+_WORKER_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerSpec))
+_PANEL_DEFAULTS = PanelSettings()
+_WORKER_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(WorkerSpec)
+    if f.default is not dataclasses.MISSING
 }
-_WORKER_FIELDS = {
-    "id", "runtime", "gpu", "port", "models", "env", "command", "args",
-    "model_path", "context", "parallel", "alias", "autostart",
-}  # fmt: skip
 
 
 def _resolve_gpu(value: Any, gpus: Sequence[str], f: _Fields) -> str:
@@ -203,16 +208,17 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
     if not isinstance(panel_data, dict):
         raise ConfigError(f"{source}: [panel] must be a table")
     p = _Fields(panel_data, f"{source}: [panel]", _PANEL_FIELDS)
+    d = _PANEL_DEFAULTS
     panel = PanelSettings(
-        host=p.text("host", "127.0.0.1") or "127.0.0.1",
-        port=p.integer("port", DEFAULT_PANEL_PORT, 1, 65535) or DEFAULT_PANEL_PORT,
-        state_dir=p.text("state_dir"),
-        near_full_percent=p.number("near_full_percent", 95.0, 1, 100),
-        ready_timeout_s=p.number("ready_timeout_s", 60.0, 1, 3600),
-        stop_grace_s=p.number("stop_grace_s", 10.0, 0, 600),
-        restart_backoff_s=p.number("restart_backoff_s", 1.0, 0.05, 600),
-        load_margin_gib=p.number("load_margin_gib", 0.5, 0, 1024),
-        strict_loads=p.flag("strict_loads", False),
+        host=p.text("host", d.host) or d.host,
+        port=p.integer("port", d.port, 1, 65535) or d.port,
+        state_dir=p.text("state_dir", d.state_dir),
+        near_full_percent=p.number("near_full_percent", d.near_full_percent, 1, 100),
+        ready_timeout_s=p.number("ready_timeout_s", d.ready_timeout_s, 1, 3600),
+        stop_grace_s=p.number("stop_grace_s", d.stop_grace_s, 0, 600),
+        restart_backoff_s=p.number("restart_backoff_s", d.restart_backoff_s, 0.05, 600),
+        load_margin_gib=p.number("load_margin_gib", d.load_margin_gib, 0, 1024),
+        strict_loads=p.flag("strict_loads", d.strict_loads),
     )
     raw_workers = data.get("workers")
     if raw_workers is None:
@@ -257,7 +263,7 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
             context=f.integer("context"),
             parallel=f.integer("parallel", None, 1, 1024),
             alias=f.text("alias"),
-            autostart=f.flag("autostart", True),
+            autostart=f.flag("autostart", _WORKER_DEFAULTS["autostart"]),
         )
         for name, field_name in (("CUDA_VISIBLE_DEVICES", "gpu"), ("OLLAMA_HOST", "port")):
             if name in spec.env:

@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-GIB = 1024**3
+from gpupanel.core.units import GIB, gib
+
 BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 BATCH = 512
 GEMMA3_GLOBAL_EVERY = 6
@@ -183,11 +184,11 @@ class Estimate:
         """The numbers in one line, in GiB."""
         line = (
             f"{self.model} at num_ctx {self.num_ctx} x {self.parallel} slot(s), KV {self.kv_cache_type}: "
-            f"{self.total / GIB:.2f} GiB (weights {self.weights / GIB:.2f} + KV cache "
-            f"{self.kv_cache / GIB:.2f} + overhead {self.overhead / GIB:.2f})"
+            f"{gib(self.total, 2)} (weights {gib(self.weights, 2, unit=False)} + KV cache "
+            f"{gib(self.kv_cache, 2, unit=False)} + overhead {gib(self.overhead, 2, unit=False)})"
         )
         if self.free is not None:
-            line += f"; free {self.free / GIB:.2f} GiB, margin {self.margin / GIB:.2f} GiB"
+            line += f"; free {gib(self.free, 2)}, margin {gib(self.margin, 2)}"
         return line
 
 

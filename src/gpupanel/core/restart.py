@@ -20,4 +20,8 @@ class RestartPolicy:
         recent = [t for t in crash_times if now - t <= self.window_s]
         if len(recent) >= self.max_crashes:
             return None
-        return min(self.base_s * 2.0 ** max(len(recent) - 1, 0), self.max_s)
+        return self.backoff(len(recent))
+
+    def backoff(self, attempt: int) -> float:
+        """The wait before try number `attempt + 1` (1: `base_s`, doubling up to `max_s`)."""
+        return min(self.base_s * 2.0 ** max(attempt - 1, 0), self.max_s)

@@ -10,17 +10,18 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from gpupanel.core.names import find_model, same_model
 from gpupanel.core.worker import WorkerState
 
 
 def serves(worker: WorkerState, model: str) -> bool:
     """Does `worker` have `model` (available or loaded; `name` and `name:latest` are one)?"""
-    names = set(worker.models_available) | {m.name for m in worker.models_loaded}
-    return model in names or f"{model}:latest" in names or model.removesuffix(":latest") in names
+    return find_model(model, worker.models_available) is not None or is_loaded(worker, model)
 
 
 def is_loaded(worker: WorkerState, model: str) -> bool:
-    return any(m.name in (model, f"{model}:latest") for m in worker.models_loaded)
+    """Is `model` resident in `worker` now (`name` and `name:latest` are one)?"""
+    return any(same_model(m.name, model) for m in worker.models_loaded)
 
 
 def candidates(

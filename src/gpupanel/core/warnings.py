@@ -9,24 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
-from gpupanel.core.model import GpuSample, Snapshot
+from gpupanel.core.model import GpuSample
+from gpupanel.core.names import find_model
+from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.units import gib
+from gpupanel.core.warning import Severity, Warning
 from gpupanel.core.worker import WorkerState
 
-Severity = Literal["info", "warning", "critical"]
-GIB = 1024**3
-
-
-@dataclass(frozen=True, slots=True)
-class Warning:
-    """One condition that needs attention."""
-
-    code: str
-    severity: Severity
-    subject: str
-    message: str
-    since: float
+# Warning and Severity live in gpupanel.core.warning; re-exported for existing importers.
+__all__ = ["Severity", "Thresholds", "Warning", "evaluate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +28,6 @@ class Thresholds:
     near_full_percent: float = 95.0
     hot_c: int = 85
     power_limit_percent: float = 98.0
-
-
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / GIB:.1f} GiB"
 
 
 def _gpu_name(gpu: GpuSample | None, uuid: str) -> str:
@@ -60,6 +48,23 @@ def _worker_rules(w: WorkerState, snap: Snapshot) -> Iterator[Finding]:
                 f"worker {w.id} crashed {w.restarts + 1} times in a row and is no longer restarted; "
                 f"read its log (`GET /panel/workers/{w.id}/log`) and start it again. {w.last_error or ''}"
             ).strip(),
+        )
+    elif w.lifecycle == "blocked" and w.blocked_by is not None:
+        holder = w.blocked_by.describe()
+        fix = (
+            f"stop that process (POST /panel/processes/{w.blocked_by.pid}/stop with force=true) "
+            if w.blocked_by.pid is not None
+            else "stop that process "
+        )
+        yield (
+            "port_taken",
+            "critical",
+            w.id,
+            (
+                f"worker {w.id} cannot start: port {w.port} is taken by {holder}; {fix}or give "
+                "the worker another port in gpupanel.toml. gpupanel retries, and the worker "
+                "comes back by itself once the port is free"
+            ),
         )
     elif w.status in ("crashed", "unhealthy"):
         why = w.health.error or w.last_error or w.status
@@ -98,14 +103,13 @@ def _worker_rules(w: WorkerState, snap: Snapshot) -> Iterator[Finding]:
                 "warning",
                 f"{w.id}/{m.name}",
                 (
-                    f"{m.name} on worker {w.id} runs partly on the CPU ({_gib(on_cpu)} of "
-                    f"{_gib(m.size)} is not in VRAM): it will be slow; lower num_ctx or use a larger GPU"
+                    f"{m.name} on worker {w.id} runs partly on the CPU ({gib(on_cpu)} of "
+                    f"{gib(m.size)} is not in VRAM): it will be slow; lower num_ctx or use a larger GPU"
                 ),
             )
     if w.status == "running" and w.health.ok:
-        have = set(w.models_available)
         for name in w.models_expected:
-            if name not in have and f"{name}:latest" not in have:
+            if find_model(name, w.models_available) is None:
                 yield (
                     "missing_model",
                     "warning",
@@ -129,7 +133,7 @@ def _gpu_rules(g: GpuSample, t: Thresholds) -> Iterator[Finding]:
             "warning",
             g.uuid,
             (
-                f"{name} is {used * 100 / total:.0f} % full ({_gib(used)} of {_gib(total)}); "
+                f"{name} is {used * 100 / total:.0f} % full ({gib(used)} of {gib(total)}); "
                 "a longer prompt or another load may run out of memory"
             ),
         )
@@ -160,7 +164,7 @@ def _gpu_rules(g: GpuSample, t: Thresholds) -> Iterator[Finding]:
                 "warning",
                 f"pid:{p.pid}",
                 (
-                    f"pid {p.pid} holds {_gib(p.used_memory)} on {name} and is not a gpupanel worker; "
+                    f"pid {p.pid} holds {gib(p.used_memory)} on {name} and is not a gpupanel worker; "
                     f"stop it (`POST /panel/processes/{p.pid}/stop` with force) or leave it be"
                 ),
             )

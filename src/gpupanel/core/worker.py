@@ -1,4 +1,4 @@
-"""Worker state as the control plane reports it (CONTRACT.md "Worker"), and pin verification."""
+"""Worker state as the control plane reports it (docs/api.md, "Worker"), and pin verification."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from gpupanel.core.lifecycle import Lifecycle, PortHolder
 from gpupanel.core.model import GpuSample
 
-Status = Literal["stopped", "starting", "running", "unhealthy", "crashed"]
+Status = Literal["stopped", "starting", "running", "unhealthy", "crashed", "blocked"]
 Pin = Literal["verified", "wrong_gpu", "spilled", "unverified"]
 
 
@@ -47,8 +48,11 @@ class LoadedModel:
 
 @dataclass(frozen=True, slots=True)
 class WorkerState:
-    """One worker at one tick. `pin_gpus` lists the GPUs its process tree holds memory on;
-    `benched` is true while `/v1` routing skips it after failed live requests."""
+    """One worker at one tick. `status` is the contract's summary of `lifecycle` (what the
+    supervisor is doing with it) and `health` (what its probes say). `pin_gpus` lists the
+    GPUs its process tree holds memory on; `benched` is true while `/v1` routing skips it
+    after failed live requests; `blocked_by` is the process holding its port while it is
+    `blocked`, and `retry_at` when it is tried again; `node` is the host it runs on."""
 
     id: str
     runtime: str
@@ -72,6 +76,10 @@ class WorkerState:
     started_at: float | None = None
     last_error: str | None = None
     log_path: str | None = None
+    lifecycle: Lifecycle = "stopped"
+    retry_at: float | None = None
+    blocked_by: PortHolder | None = None
+    node: str = "local"
 
 
 def pin_verdict(

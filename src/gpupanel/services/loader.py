@@ -1,37 +1,30 @@
-"""Loading models with a VRAM guard (DESIGN.md section 6).
+"""Loading models with a VRAM guard (docs/architecture.md, "Guard and estimator").
 
 Before a load: project weights + KV cache + overhead (gpupanel.core.estimate) and refuse
 what would not fit the pinned GPU's free memory with a margin, showing the numbers. After
 a load: check that the memory appeared on that GPU only and wholly in VRAM; otherwise
 report it, and in strict mode unload it again. `force` skips the pre-load refusal and is
 logged.
+
+The loader is part of the plane: it sees workers through their node (`Node`) and the
+published snapshot, nothing else.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gpupanel.adapters.gguf import read_shape
-from gpupanel.adapters.runtimes.ollama import OllamaRuntime
-from gpupanel.core.estimate import (
-    GIB,
-    Estimate,
-    ShapeError,
-    effective_num_ctx,
-    estimate,
-    shape_from_metadata,
-)
+from gpupanel.adapters.runtimes.ollama import KeepAlive
+from gpupanel.core.estimate import Estimate, effective_num_ctx, estimate
+from gpupanel.core.names import same_model
+from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.units import GIB, gib
 from gpupanel.core.worker import WorkerState
-from gpupanel.errors import GgufError, RuntimeRequestError
-from gpupanel.services.supervisor import Managed, WorkerError
-
-if TYPE_CHECKING:
-    from gpupanel.services.runtime import ControlPlane
+from gpupanel.errors import Conflict, Invalid, NotFound
+from gpupanel.services.node import Node
 
 log = logging.getLogger("gpupanel.loader")
 KV_TYPES = ("f16", "q8_0", "q4_0")
@@ -42,56 +35,43 @@ class LoadRequest:
     """A validated load request."""
 
     model: str
-    keep_alive: str | float | None = None
+    keep_alive: KeepAlive | None = None
     num_ctx: int | None = None
     exclusive: bool = False
     force: bool = False
 
 
-def _env_int(w: Managed, name: str) -> int:
-    value = w.spec.env.get(name, "")
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    value = env.get(name, "")
     return int(value) if value.strip().isdigit() else 0
 
 
 class Loader:
-    """Estimate, load, unload and pull models on Ollama workers."""
+    """Estimate, load, unload and pull models on Ollama workers, behind the guard.
 
-    def __init__(self, cp: ControlPlane) -> None:
-        self.cp = cp
+    `node_of` finds a worker's node, `snapshot` gives the latest published snapshot and
+    `refresh` publishes a new one; `margin` is the guard's margin in bytes and `strict`
+    unloads a model that did not land wholly on its GPU."""
 
-    def _ollama(self, worker_id: str) -> tuple[Managed, OllamaRuntime]:
-        assert self.cp.supervisor is not None
-        w = self.cp.supervisor.get(worker_id)
-        if not isinstance(w.runtime, OllamaRuntime):
-            raise WorkerError(
-                f"worker {worker_id} runs {w.spec.runtime}, which loads its model at start "
-                "(model_path in the config); loading on request needs an Ollama worker",
-                status=400,
-            )
-        if w.handle is None or w.status not in ("running", "unhealthy"):
-            raise WorkerError(f"worker {worker_id} is {w.status}: start it first", status=503)
-        return w, w.runtime
+    def __init__(
+        self,
+        node_of: Callable[[str], Node],
+        snapshot: Callable[[], Snapshot],
+        refresh: Callable[[], Awaitable[Snapshot]],
+        margin: int,
+        strict: bool = False,
+    ) -> None:
+        self.node_of = node_of
+        self.snapshot = snapshot
+        self.refresh = refresh
+        self.margin = margin
+        self.strict = strict
 
-    def _state(self, worker_id: str) -> WorkerState | None:
-        return next((s for s in self.cp.snapshot.workers if s.id == worker_id), None)
-
-    def _gguf_estimate(
-        self, w: Managed, num_ctx: int | None, kv_cache_type: str | None
-    ) -> Estimate:
-        """A llama.cpp worker's model, from its GGUF header: `-c` is the KV cache of all
-        slots together, so the context counts once, not per slot."""
-        path = w.spec.model_path or ""
-        try:
-            shape = read_shape(path)
-        except GgufError as exc:
-            raise WorkerError(f"worker {w.spec.id}: cannot estimate: {exc}", status=422) from None
-        ctx = num_ctx or w.spec.context or 4096
-        gpu = self.cp.snapshot.gpu(w.spec.gpu)
-        margin = int(self.cp.config.panel.load_margin_gib * GIB)
-        return estimate(
-            Path(path).name, shape, os.path.getsize(path), ctx, 1, kv_cache_type or "f16",
-            gpu.memory.free if gpu else None, margin,
-        )  # fmt: skip
+    def _state(self, snap: Snapshot, worker_id: str) -> WorkerState:
+        for s in snap.workers:
+            if s.id == worker_id:
+                return s
+        raise NotFound(f"no worker {worker_id!r}")
 
     async def estimate(
         self,
@@ -103,65 +83,59 @@ class Loader:
         exclusive: bool = False,
     ) -> Estimate:
         """What loading `model` on `worker_id` would take, against its GPU's free memory.
-        For a llama.cpp worker, its configured model (the `model` argument may be omitted)."""
-        assert self.cp.supervisor is not None
-        managed = self.cp.supervisor.get(worker_id)
-        if managed.spec.runtime == "llamacpp":
-            return self._gguf_estimate(managed, num_ctx, kv_cache_type)
-        if not model:
-            raise WorkerError(
-                "query parameter 'model' is required for an Ollama worker", status=400
+        For a llama.cpp worker, its configured model (the `model` argument may be omitted):
+        its `-c` is the KV cache of all slots together, so the context counts once."""
+        node = self.node_of(worker_id)
+        spec = node.spec(worker_id)
+        if kv_cache_type is not None and kv_cache_type not in KV_TYPES:
+            raise Invalid(
+                f"kv_cache_type must be one of {', '.join(KV_TYPES)}, got {kv_cache_type!r}"
             )
-        w, runtime = self._ollama(worker_id)
-        try:
-            facts = await runtime.describe(self.cp.client_or_fail(), w.spec, model)
-        except RuntimeRequestError as exc:
-            raise WorkerError(
-                str(exc), status=exc.status if exc.status in (400, 404) else 502
-            ) from None
-        try:
-            shape = shape_from_metadata(facts.model_info)
-        except ShapeError as exc:
-            raise WorkerError(
-                f"worker {worker_id}: cannot estimate {model}: {exc}", status=422
-            ) from None
-        kv_type = kv_cache_type or w.spec.env.get("OLLAMA_KV_CACHE_TYPE") or "f16"
+        found = await node.model_size(worker_id, model)
+        snap = self.snapshot()
+        gpu = snap.gpu(spec.gpu)
+        free = gpu.memory.free if gpu else None
+        if spec.runtime == "llamacpp":
+            name = (spec.model_path or "").rsplit("/", 1)[-1]
+            ctx = num_ctx or spec.context or 4096
+            return estimate(
+                name, found.shape, found.size, ctx, 1, kv_cache_type or "f16", free, self.margin
+            )
+        assert model is not None  # model_size refuses an Ollama estimate without one
+        kv_type = kv_cache_type or spec.env.get("OLLAMA_KV_CACHE_TYPE") or "f16"
         if kv_type not in KV_TYPES:
-            raise WorkerError(
-                f"kv_cache_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}", status=400
+            raise Invalid(
+                f"OLLAMA_KV_CACHE_TYPE of worker {worker_id} must be one of "
+                f"{', '.join(KV_TYPES)}, got {kv_type!r}"
             )
-        slots = parallel or w.spec.parallel or _env_int(w, "OLLAMA_NUM_PARALLEL") or 1
-        gpu = self.cp.snapshot.gpu(w.spec.gpu)
+        slots = parallel or spec.parallel or _env_int(spec.env, "OLLAMA_NUM_PARALLEL") or 1
         total = gpu.memory.total if gpu and gpu.memory.total else 0
         ctx = effective_num_ctx(
-            shape.context_length,
+            found.shape.context_length,
             num_ctx,
-            w.spec.context or _env_int(w, "OLLAMA_CONTEXT_LENGTH"),
+            spec.context or _env_int(spec.env, "OLLAMA_CONTEXT_LENGTH"),
             total,
         )
-        free = gpu.memory.free if gpu else None
-        state = self._state(worker_id)
-        if free is not None and state is not None:
+        if free is not None:
             # What this load would release: the same model (a reload), or everything (exclusive).
+            state = self._state(snap, worker_id)
             free += sum(
                 m.size_vram or 0
                 for m in state.models_loaded
-                if exclusive or m.name in (model, f"{model}:latest")
+                if exclusive or same_model(m.name, model)
             )
-        margin = int(self.cp.config.panel.load_margin_gib * GIB)
-        return estimate(model, shape, facts.size or 0, ctx, slots, kv_type, free, margin)
+        return estimate(model, found.shape, found.size, ctx, slots, kv_type, free, self.margin)
 
     async def load(self, worker_id: str, req: LoadRequest) -> dict[str, Any]:
         """Guarded load; returns the estimate, what got loaded, and any problems seen after."""
-        assert self.cp.supervisor is not None
-        w, runtime = self._ollama(worker_id)
+        node = self.node_of(worker_id)
+        gpu_uuid = node.spec(worker_id).gpu
         plan = await self.estimate(worker_id, req.model, req.num_ctx, exclusive=req.exclusive)
         if plan.fits is False:
             if not req.force:
-                raise WorkerError(
-                    f"refusing to load on worker {worker_id} (GPU {w.spec.gpu}): {plan.explain()}. "
-                    "Lower num_ctx, unload other models (exclusive), or pass force=true",
-                    status=409,
+                raise Conflict(
+                    f"refusing to load on worker {worker_id} (GPU {gpu_uuid}): {plan.explain()}. "
+                    "Lower num_ctx, unload other models (exclusive), or pass force=true"
                 )
             log.warning(
                 "worker %s: loading %s with force although it does not fit: %s",
@@ -169,28 +143,17 @@ class Loader:
                 req.model,
                 plan.explain(),
             )
-        client = self.cp.client_or_fail()
-        state = self._state(worker_id)
-        if req.exclusive and state is not None:
-            for m in state.models_loaded:
-                if m.name not in (req.model, f"{req.model}:latest"):
-                    await runtime.unload(client, w.spec, m.name)
-        try:
-            answer = await runtime.load(
-                client, w.spec, req.model, keep_alive=req.keep_alive, num_ctx=plan.num_ctx
-            )
-        except RuntimeRequestError as exc:
-            raise WorkerError(str(exc), status=502) from None
-        await self.cp.supervisor.refresh_models(w)
-        snap = await self.cp.refresh()
-        state = next(s for s in snap.workers if s.id == worker_id)
-        loaded = next(
-            (m for m in state.models_loaded if m.name in (req.model, f"{req.model}:latest")), None
-        )
+        if req.exclusive:
+            for m in self._state(self.snapshot(), worker_id).models_loaded:
+                if not same_model(m.name, req.model):
+                    await node.unload(worker_id, m.name)
+        answer = await node.load(worker_id, req.model, req.keep_alive, plan.num_ctx)
+        state = self._state(await self.refresh(), worker_id)
+        loaded = next((m for m in state.models_loaded if same_model(m.name, req.model)), None)
         problems = []
         if state.pin in ("spilled", "wrong_gpu"):
             problems.append(
-                f"memory appeared on {', '.join(state.pin_gpus)}, not only on the pinned GPU {w.spec.gpu}"
+                f"memory appeared on {', '.join(state.pin_gpus)}, not only on the pinned GPU {gpu_uuid}"
             )
         if (
             loaded
@@ -198,16 +161,13 @@ class Loader:
             and loaded.size_vram is not None
             and loaded.size_vram < loaded.size
         ):
-            problems.append(
-                f"{(loaded.size - loaded.size_vram) / GIB:.2f} GiB of {req.model} is on the CPU, not in VRAM"
-            )
-        if problems and self.cp.config.panel.strict_loads:
-            await runtime.unload(client, w.spec, req.model)
-            await self.cp.supervisor.refresh_models(w)
-            await self.cp.refresh()
-            raise WorkerError(
-                f"loaded {req.model} on worker {worker_id}, then unloaded it (strict mode): {'; '.join(problems)}",
-                status=409,
+            on_cpu = gib(loaded.size - loaded.size_vram, 2)
+            problems.append(f"{on_cpu} of {req.model} is on the CPU, not in VRAM")
+        if problems and self.strict:
+            await node.unload(worker_id, req.model)
+            await self.refresh()
+            raise Conflict(
+                f"loaded {req.model} on worker {worker_id}, then unloaded it (strict mode): {'; '.join(problems)}"
             )
         return {
             "worker": worker_id,
@@ -221,26 +181,21 @@ class Loader:
 
     async def unload(self, worker_id: str, model: str) -> dict[str, Any]:
         """Drop `model` from the worker's memory now."""
-        assert self.cp.supervisor is not None
-        w, runtime = self._ollama(worker_id)
-        try:
-            await runtime.unload(self.cp.client_or_fail(), w.spec, model)
-        except RuntimeRequestError as exc:
-            raise WorkerError(str(exc), status=exc.status if exc.status == 404 else 502) from None
-        await self.cp.supervisor.refresh_models(w)
-        await self.cp.refresh()
+        await self.node_of(worker_id).unload(worker_id, model)
+        await self.refresh()
         return {"worker": worker_id, "model": model, "unloaded": True}
 
     async def pull(self, worker_id: str, model: str) -> AsyncIterator[dict[str, Any]]:
-        """The worker's pull progress lines (`{status, digest?, total?, completed?}`)."""
-        w, runtime = self._ollama(worker_id)
-        async for line in runtime.pull(self.cp.client_or_fail(), w.spec, model):
+        """The worker's pull progress lines (`{status, digest?, total?, completed?}`); the
+        worker's model list is refreshed and published before the last line is given."""
+        async for line in self.node_of(worker_id).pull(worker_id, model):
             yield line
-        assert self.cp.supervisor is not None
-        await self.cp.supervisor.refresh_models(w)
-        await self.cp.refresh()
+        await self.refresh()
 
 
 def estimate_json(e: Estimate) -> dict[str, Any]:
     """The estimate with its derived figures (total, fits)."""
     return {**asdict(e), "total": e.total, "fits": e.fits, "explain": e.explain()}
+
+
+__all__ = ["GIB", "LoadRequest", "Loader", "estimate_json"]

@@ -1,8 +1,9 @@
-"""The control plane runtime: one asyncio loop hosting the sampler, the supervisor and the
-HTTP app (DESIGN.md section 2).
+"""The control plane runtime: one asyncio loop hosting this host's node (sampler,
+supervisor), the plane and the HTTP app (docs/architecture.md, "One writer").
 
-Only this loop changes state. Each tick it lets the supervisor notice crashes, samples GPUs
-and host, and publishes a new immutable Snapshot; readers (the API, widgets) read the latest.
+Only this loop changes state. Each tick the node reconciles its workers and the plane
+samples the nodes and publishes a new immutable Snapshot; readers (the API, widgets) read
+the latest.
 The panel socket is bound by the caller's thread before anything starts, so a busy port is
 an exception there, not an exit inside a thread.
 """
@@ -17,12 +18,9 @@ import gc
 import logging
 import socket
 import threading
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -30,14 +28,10 @@ from gpupanel._version import __version__
 from gpupanel.adapters.state import StateStore
 from gpupanel.core.config import Config
 from gpupanel.core.gpu import GpuBackend
-from gpupanel.core.model import Snapshot
-from gpupanel.core.warnings import Thresholds, evaluate
-from gpupanel.core.worker import WorkerState, attribute_processes, pin_verdict
+from gpupanel.core.snapshot import Snapshot
 from gpupanel.errors import GpuPanelError
-from gpupanel.services.loader import Loader
-from gpupanel.services.sampler import Sampler
-from gpupanel.services.supervisor import Managed, Supervisor
-from gpupanel.services.traffic import Traffic
+from gpupanel.services.node import LocalNode
+from gpupanel.services.plane import Plane
 
 log = logging.getLogger("gpupanel.runtime")
 T = TypeVar("T")
@@ -97,157 +91,55 @@ class _Server(uvicorn.Server):
 
 
 class ControlPlane:
-    """The runtime of one host: sampler + supervisor + HTTP app on one loop."""
+    """The runtime of one host: its node and the plane, with the HTTP app, on one loop.
+
+    `node` is this host (GPUs, supervisor, state store); `plane` serves its workers (API,
+    proxy, loader, traffic, warnings) and is what the HTTP app is built on."""
 
     def __init__(
         self,
         config: Config,
         backend: GpuBackend,
         store: StateStore,
-        app_factory: Callable[[ControlPlane], ASGIApp],
+        app_factory: Callable[[Plane], tuple[ASGIApp, Callable[[], Awaitable[None]]]],
         tick_s: float = 1.0,
     ) -> None:
         self.config = config
         self.app_factory = app_factory
-        self._on_shutdown: list[Callable[[], Awaitable[None]]] = []
-        self.backend = backend
-        self.store = store
         self.tick_s = tick_s
-        self.sampler = Sampler(backend)
-        self.snapshot = Snapshot(time=0.0, simulated=backend.simulated, gpus=())
-        self.version = __version__
-        self.supervisor: Supervisor | None = None
-        self.traffic = Traffic()
-        self.loader = Loader(self)
-        self.thresholds = Thresholds(near_full_percent=config.panel.near_full_percent)
-        self.client: httpx.AsyncClient | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.url = f"http://{config.panel.host}:{config.panel.port}"
+        self.node = LocalNode(config, backend, store)
+        self.plane = Plane([self.node], config, self.url, __version__)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._published: asyncio.Condition | None = None
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
 
-    def client_or_fail(self) -> httpx.AsyncClient:
-        """The HTTP client of the running loop (for worker calls)."""
-        if self.client is None:
-            raise GpuPanelError("the control plane is not running")
-        return self.client
+    @property
+    def snapshot(self) -> Snapshot:
+        """The latest published snapshot."""
+        return self.plane.snapshot
 
     @property
     def simulated(self) -> bool:
-        return self.backend.simulated
-
-    # ---- composing the snapshot ---------------------------------------------------------
-
-    def _worker_state(
-        self, w: Managed, tree: Iterable[int], snap: Snapshot, owner: str | None
-    ) -> WorkerState:
-        spec = w.spec
-        pin, seen = pin_verdict(spec.gpu, set(tree), snap.gpus)
-        gpu = snap.gpu(spec.gpu)
-        return WorkerState(
-            id=spec.id,
-            runtime=spec.runtime,
-            gpu_uuid=spec.gpu,
-            gpu_index=gpu.index if gpu else None,
-            port=spec.port,
-            pid=w.handle.pid if w.handle else None,
-            status=w.status,
-            pin=pin if w.handle else "unverified",
-            base_url=f"{self.url}/proxy/{spec.id}/v1",
-            health=w.health,
-            models_available=w.models.available,
-            models_loaded=w.models.loaded,
-            models_expected=spec.models,
-            owner=owner,
-            restarts=w.restarts,
-            crash_loop=w.crash_loop,
-            pin_gpus=seen,
-            adopted=w.adopted,
-            started_at=w.started_at if w.handle else None,
-            last_error=w.last_error,
-            log_path=str(self.supervisor.log_path(spec.id)) if self.supervisor else None,
-        )
-
-    def compose(self, raw: Snapshot) -> Snapshot:
-        """The raw telemetry plus worker states, pin verdicts and process ownership."""
-        assert self.supervisor is not None
-        host = raw.host
-        trees: dict[str, tuple[int, ...]] = {}
-        for w in self.supervisor.workers.values():
-            stats = host.processes.get(w.handle.pid) if (host and w.handle) else None
-            trees[w.spec.id] = stats.tree_pids if stats else ()
-        owners = self.traffic.owners()
-        benched = self.traffic.bench.benched(time.monotonic())
-        workers = tuple(
-            replace(
-                self._worker_state(w, trees[w.spec.id], raw, owners.get(w.spec.id)),
-                benched=w.spec.id in benched,
-            )
-            for w in self.supervisor.workers.values()
-        )
-        snap = replace(
-            raw,
-            gpus=attribute_processes(raw.gpus, trees),
-            workers=workers,
-            requests=self.traffic.requests(),
-            apps=self.traffic.app_infos(),
-        )
-        warnings = evaluate(snap, self.snapshot.warnings, raw.time, self.thresholds)
-        return replace(snap, warnings=warnings)
-
-    async def refresh(self) -> Snapshot:
-        """Sample now and publish a new snapshot (also called after every worker operation)."""
-        assert self.supervisor is not None
-        managed = self.supervisor.workers.values()
-        pids = [w.handle.pid for w in managed if w.handle]
-        ports = [w.spec.port for w in managed]
-        raw = await asyncio.to_thread(self.sampler.snapshot, pids, ports)
-        self.snapshot = self.compose(raw)
-        if self._published is not None:
-            async with self._published:
-                self._published.notify_all()
-        return self.snapshot
-
-    async def next_snapshot(self, timeout: float) -> Snapshot | None:
-        """The next snapshot published (None if none comes within `timeout` seconds)."""
-        assert self._published is not None, "the control plane is not running"
-        async with self._published:
-            try:
-                await asyncio.wait_for(self._published.wait(), timeout)
-            except asyncio.TimeoutError:
-                return None
-        return self.snapshot
-
-    async def tick(self) -> None:
-        assert self.supervisor is not None
-        await self.supervisor.tick()
-        await self.refresh()
+        return self.plane.simulated
 
     # ---- running ----------------------------------------------------------------------------
 
-    async def run(self, sock: socket.socket, ensure: bool = True) -> None:
+    async def run(self, sock: socket.socket) -> None:
         """Serve until `stop()`: adopt recorded workers, start missing ones, tick, serve HTTP."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._published = asyncio.Condition()
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
-        self.supervisor = Supervisor(self.config, self.store, self.client)
-        server = _Server(
-            uvicorn.Config(
-                self.app_factory(self), log_level="warning", lifespan="off", access_log=False
-            )
-        )
+        app, close_app = self.app_factory(self.plane)
+        server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
         try:
-            adopted = self.supervisor.adopt()
+            adopted = await self.node.open()
             if adopted:
                 log.info("adopted running workers: %s", ", ".join(adopted))
-            await self.refresh()
+            await self.plane.refresh()
             serving = asyncio.create_task(server.serve(sockets=[sock]))
-            if ensure:
-                self.supervisor.background(self._ensure())
+            self.node.supervisor.background(self._ensure())
             self.ready.set()
             while not self._stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -256,32 +148,24 @@ class ControlPlane:
                     serving.result()
                     break
                 try:
-                    await self.tick()
+                    await self.node.tick()
+                    await self.plane.refresh()
                 except Exception:  # a tick must never kill the control plane
                     log.exception("tick failed")
             server.should_exit = True
             await serving
         finally:
-            self.supervisor.save()
-            for close in self._on_shutdown:
-                await close()
-            await self.client.aclose()
-            self.sampler.close()
+            await close_app()
+            await self.node.close()
             sock.close()
 
-    def on_shutdown(self, close: Callable[[], Awaitable[None]]) -> None:
-        """Have `close` awaited when the loop stops (e.g. the proxy's upstream pool)."""
-        self._on_shutdown.append(close)
-
     async def _ensure(self) -> None:
-        assert self.supervisor is not None
         try:
-            started = await self.supervisor.ensure()
+            started = await self.plane.ensure()
             if started:
                 log.info("started workers: %s", ", ".join(started))
         except GpuPanelError as exc:
             log.error("%s", exc)
-        await self.refresh()
 
     def stop(self) -> None:
         """Ask the loop to stop (thread-safe). Workers keep running."""
@@ -290,13 +174,13 @@ class ControlPlane:
 
     # ---- in a background thread (Jupyter, tests) ----------------------------------------------
 
-    def start_in_thread(self, ensure: bool = True, timeout: float = 30.0) -> ControlPlane:
+    def start_in_thread(self, timeout: float = 30.0) -> ControlPlane:
         """Bind the port here, then run the loop in a daemon thread; returns when it serves."""
         sock = bind_panel_socket(self.config.panel.host, self.config.panel.port)
 
         def main() -> None:
             try:
-                asyncio.run(self.run(sock, ensure=ensure))
+                asyncio.run(self.run(sock))
             except BaseException as exc:  # surfaced to the caller through `failed`
                 self.failed = exc
                 self.ready.set()

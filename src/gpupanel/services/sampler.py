@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 from gpupanel.adapters.host import HostProbe
 from gpupanel.core.gpu import GpuBackend
-from gpupanel.core.model import Snapshot
+from gpupanel.core.snapshot import Snapshot
 
 
 class Sampler:

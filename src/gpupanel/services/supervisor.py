@@ -1,41 +1,48 @@
 """The supervisor: the workers that should run, against the processes that do.
 
-It starts workers pinned to their GPU, waits until they are ready, restarts crashed ones
-with backoff (and gives up on a crash loop), stops them as a process group, and on start
-adopts the live workers a previous control plane recorded (pid + start time + port all
-match), so a restart of the control plane restarts no worker and starts no duplicate.
+It observes (is each worker's process alive, who holds a port) and executes (launch,
+terminate); every lifecycle decision is `gpupanel.core.lifecycle`'s. It starts workers
+pinned to their GPU and waits until they are ready, restarts crashed ones with backoff
+(and gives up on a crash loop), waits out a port held by another process (`blocked`),
+stops workers as a process group, and on start adopts the live workers a previous control
+plane recorded (pid + start time + port all match), so a restart of the control plane
+restarts no worker and starts no duplicate. See docs/architecture.md, "The supervisor".
 
 All methods run on the runtime loop; per-worker locks keep a start, a stop and the tick's
-automatic restart from interleaving on one worker.
+automatic actions from interleaving on one worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
-import psutil
 
-from gpupanel.adapters import process
-from gpupanel.adapters.host import listening_ports, process_tree
-from gpupanel.adapters.process import LaunchError, ProcessHandle
+from gpupanel.adapters.process import LaunchError, OsProcesses, ProcessHandle
 from gpupanel.adapters.runtimes.base import Models, Probe, Runtime
 from gpupanel.adapters.runtimes.registry import runtime_for
 from gpupanel.adapters.state import StateStore, WorkerRecord
+from gpupanel.core import lifecycle
 from gpupanel.core.config import Config, WorkerSpec
+from gpupanel.core.lifecycle import Life, PortHolder
 from gpupanel.core.restart import RestartPolicy
-from gpupanel.core.worker import Health, Status, percentile
-from gpupanel.errors import GpuPanelError
+from gpupanel.core.worker import Health, percentile
+from gpupanel.errors import (
+    Conflict,
+    GpuPanelError,
+    NotFound,
+    WorkerFailed,
+    WorkerTimeout,
+)
 
 log = logging.getLogger("gpupanel.supervisor")
 
@@ -44,37 +51,71 @@ LATENCY_WINDOW = 60  # probes kept for the latency percentiles
 PROBE_TIMEOUT_S = 2.0
 
 
-class WorkerError(GpuPanelError):
-    """An operation on a worker failed; `status` is the HTTP status the API answers with."""
+class Processes(Protocol):
+    """What the supervisor does with processes (`OsProcesses`; a fake in unit tests)."""
 
-    def __init__(self, message: str, status: int = 409, crashed: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.crashed = crashed  # the worker's process failed (counts toward a crash loop)
+    def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], log_path: Path
+    ) -> ProcessHandle: ...
+
+    def is_alive(self, handle: ProcessHandle) -> bool: ...
+
+    async def stop(self, handle: ProcessHandle, grace_s: float) -> str: ...
+
+    def tail(self, log_path: Path, lines: int = 20) -> list[str]: ...
+
+    def reap(self) -> None: ...
+
+    def rotate(self, log_path: Path) -> bool: ...
+
+    def port_holder(self, port: int) -> PortHolder | None: ...
+
+    def describe(self, pid: int) -> tuple[ProcessHandle, str]: ...
+
+    def listens(self, pid: int, port: int) -> bool: ...
+
+    def tree(self, pid: int) -> list[int]: ...
 
 
 @dataclass
 class Managed:
-    """The supervisor's mutable record of one worker (owned by the runtime loop)."""
+    """The supervisor's mutable record of one worker (owned by the runtime loop).
+
+    `life` is the lifecycle (desired state included); `health` and `failed_probes` the
+    probes' verdict, kept apart from it; `note` says something about the worker that is
+    not a lifecycle reason (e.g. it runs as launched under an older configuration).
+    """
 
     spec: WorkerSpec
     runtime: Runtime
+    life: Life = Life()
     handle: ProcessHandle | None = None
-    status: Status = "stopped"
-    desired: bool = False
     adopted: bool = False
     restarts: int = 0
-    crash_times: list[float] = field(default_factory=list)
-    restart_at: float | None = None
-    crash_loop: bool = False
     started_at: float | None = None
-    last_error: str | None = None
+    note: str | None = None
     health: Health = Health()
     failed_probes: int = 0
     models: Models = Models()
     probing: bool = False
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def healthy(self) -> bool | None:
+        """None before the first probe; False after UNHEALTHY_AFTER failed probes in a row."""
+        if self.failed_probes >= UNHEALTHY_AFTER:
+            return False
+        return None if self.health.ok is None else True
+
+    @property
+    def status(self) -> str:
+        """The contract's worker status (derived from lifecycle and health)."""
+        return lifecycle.contract_status(self.life.lifecycle, self.healthy)
+
+    @property
+    def last_error(self) -> str | None:
+        return self.life.reason or self.note
 
 
 def _record_spec(spec: WorkerSpec) -> dict[str, object]:
@@ -91,18 +132,6 @@ def _spec_from_record(data: dict[str, object]) -> WorkerSpec:
     return WorkerSpec(**kwargs)  # type: ignore[arg-type]
 
 
-def port_holder(port: int) -> psutil.Process | None:
-    """The process listening on TCP `port` on this host, if any (a system-wide lookup)."""
-    with contextlib.suppress(psutil.AccessDenied):
-        for c in psutil.net_connections(kind="tcp"):
-            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN:
-                if c.pid is None:
-                    return None
-                with contextlib.suppress(psutil.Error):
-                    return psutil.Process(c.pid)
-    return None
-
-
 class Supervisor:
     """Keeps the configured workers running, pinned, and recorded."""
 
@@ -114,6 +143,7 @@ class Supervisor:
         policy: RestartPolicy | None = None,
         runtimes: Callable[[str], Runtime] = runtime_for,
         clock: Callable[[], float] = time.time,
+        processes: Processes | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -122,8 +152,9 @@ class Supervisor:
             base_s=config.panel.restart_backoff_s, max_s=max(30.0, config.panel.restart_backoff_s)
         )
         self.clock = clock
+        self.procs: Processes = processes or OsProcesses()
         self.workers: dict[str, Managed] = {
-            s.id: Managed(spec=s, runtime=runtimes(s.runtime), desired=s.autostart)
+            s.id: Managed(spec=s, runtime=runtimes(s.runtime), life=Life(wanted=s.autostart))
             for s in config.workers
         }
         self._runtimes = runtimes
@@ -136,18 +167,31 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def settle(self) -> None:
+        """Wait for the background work started so far (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     # ---- lookup -------------------------------------------------------------------------
 
     def get(self, worker_id: str) -> Managed:
-        """The worker `worker_id`, or a 404 WorkerError naming the known ones."""
+        """The worker `worker_id`, or NotFound naming the known ones."""
         w = self.workers.get(worker_id)
         if w is None:
             known = ", ".join(sorted(self.workers)) or "none"
-            raise WorkerError(f"no worker {worker_id!r} (workers: {known})", status=404)
+            raise NotFound(f"no worker {worker_id!r} (workers: {known})")
         return w
 
     def log_path(self, worker_id: str) -> Path:
         return self.store.logs / f"{worker_id}.log"
+
+    def log_tail(self, worker_id: str, lines: int) -> list[str]:
+        """The last `lines` lines of a worker's log."""
+        self.get(worker_id)
+        return self.procs.tail(self.log_path(worker_id), lines)
+
+    def alive(self, w: Managed) -> bool:
+        return w.handle is not None and self.procs.is_alive(w.handle)
 
     # ---- state file and adoption ----------------------------------------------------------
 
@@ -180,9 +224,9 @@ class Supervisor:
         adopted = []
         for rec in records.values():
             handle = ProcessHandle(rec.pid, rec.create_time)
-            if not process.is_alive(handle):
+            if not self.procs.is_alive(handle):
                 continue
-            if rec.port not in listening_ports(process_tree(rec.pid)):
+            if not self.procs.listens(rec.pid, rec.port):
                 note = f"worker {rec.id}: recorded pid {rec.pid} is alive but no longer listens on {rec.port}; not adopted"
                 self.notes.append(note)
                 log.warning(note)
@@ -191,15 +235,16 @@ class Supervisor:
             if w is None:  # launched under an older config: keep it visible and stoppable
                 spec = _spec_from_record(rec.spec)
                 w = self.workers[rec.id] = Managed(spec=spec, runtime=self._runtimes(spec.runtime))
-                w.last_error = "not in the current configuration; stop it or add it back"
+                w.note = "not in the current configuration; stop it or add it back"
             elif (w.spec.port, w.spec.gpu) != (rec.port, rec.gpu_uuid):
-                w.last_error = (
+                w.note = (
                     f"running as launched before (GPU {rec.gpu_uuid}, port {rec.port}); "
                     "restart it to apply the current configuration"
                 )
                 w.spec = _spec_from_record(rec.spec)
-            w.handle, w.adopted, w.desired = handle, True, True
-            w.status, w.started_at, w.restarts = "running", rec.started_at, rec.restarts
+            w.handle, w.adopted = handle, True
+            w.life = lifecycle.ready(Life(wanted=True))
+            w.started_at, w.restarts = rec.started_at, rec.restarts
             adopted.append(rec.id)
         self.save()
         return adopted
@@ -207,45 +252,42 @@ class Supervisor:
     # ---- operations -------------------------------------------------------------------------
 
     async def start(self, worker_id: str) -> Managed:
-        """Start a worker and wait until it is ready; a no-op if it already runs."""
+        """Start a worker and wait until it is ready; a no-op if it already runs.
+
+        Conflict if its port is taken (it is then `blocked` and retried by itself),
+        WorkerFailed / WorkerTimeout if it exits or is not ready in time."""
         w = self.get(worker_id)
+        w.life = lifecycle.want(w.life, True)
         async with w.lock:
-            w.desired, w.crash_loop, w.restart_at = True, False, None
-            w.crash_times.clear()
-            if w.handle is not None and process.is_alive(w.handle):
-                return w
-            await self._launch_or_crash(w)
+            if not self.alive(w):
+                await self._launch(w)
         return w
 
     async def stop(self, worker_id: str) -> str:
         """Stop a worker's process group (SIGTERM, SIGKILL after the grace period)."""
         w = self.get(worker_id)
+        w.life = lifecycle.want(w.life, False)
         async with w.lock:
-            w.desired, w.restart_at = False, None
             return await self._terminate(w)
 
     async def restart(self, worker_id: str) -> Managed:
         """Stop and start again: same GPU, same port."""
         w = self.get(worker_id)
+        w.life = lifecycle.want(w.life, True)
         async with w.lock:
-            w.desired, w.crash_loop, w.restart_at = True, False, None
-            w.crash_times.clear()
             await self._terminate(w)
             w.restarts += 1
-            await self._launch_or_crash(w)
+            await self._launch(w)
         return w
 
     async def ensure(self) -> list[str]:
-        """Start every autostart worker that is not running (idempotent). Returns the started ids."""
-        todo = [
-            w.spec.id
-            for w in self.workers.values()
-            if w.spec.autostart and (w.handle is None or not process.is_alive(w.handle))
-        ]
+        """Start every autostart worker that is not running (idempotent). Returns the ids it
+        started; WorkerFailed naming each failure if any did not start."""
+        todo = [w.spec.id for w in self.workers.values() if w.spec.autostart and not self.alive(w)]
         results = await asyncio.gather(*(self.start(i) for i in todo), return_exceptions=True)
         errors = [str(r) for r in results if isinstance(r, BaseException)]
         if errors:
-            raise WorkerError("; ".join(errors), status=502)
+            raise WorkerFailed("; ".join(errors))
         return todo
 
     async def stop_pid(
@@ -253,89 +295,71 @@ class Supervisor:
     ) -> str:
         """Stop by PID: a managed worker's tree stops that worker; other processes only with `force`."""
         if pid in (os.getpid(), 1) or pid <= 0:
-            raise WorkerError(
-                f"refusing to stop pid {pid}: it is {'this control plane' if pid == os.getpid() else 'not a worker'}"
-            )
+            what = "this control plane" if pid == os.getpid() else "not a worker"
+            raise Conflict(f"refusing to stop pid {pid}: it is {what}")
         for w in self.workers.values():
-            if w.handle is not None and pid in process_tree(w.handle.pid):
+            if w.handle is not None and pid in self.procs.tree(w.handle.pid):
+                root = w.handle.pid
                 await self.stop(w.spec.id)
-                return f"stopped worker {w.spec.id} (pid {w.handle.pid if w.handle else pid})"
-        try:
-            proc = psutil.Process(pid)
-            name = proc.name()
-        except psutil.NoSuchProcess:
-            raise WorkerError(f"no process {pid}", status=404) from None
-        except psutil.AccessDenied:
-            raise WorkerError(
-                f"pid {pid} belongs to another user; gpupanel cannot stop it", status=403
-            ) from None
+                return f"stopped worker {w.spec.id} (pid {root})"
+        handle, name = self.procs.describe(pid)
         on_gpu = gpu_pids is not None and pid in gpu_pids
         if not force:
             what = "a GPU process that no gpupanel worker owns" if on_gpu else "not a GPU worker"
-            raise WorkerError(f"pid {pid} ({name}) is {what}; pass force=true to stop it anyway")
-        result = await process.stop(
-            ProcessHandle(pid, proc.create_time()), self.config.panel.stop_grace_s
-        )
+            raise Conflict(f"pid {pid} ({name}) is {what}; pass force=true to stop it anyway")
+        result = await self.procs.stop(handle, self.config.panel.stop_grace_s)
         log.warning("stopped pid %d (%s) by request with force: %s", pid, name, result)
         return f"pid {pid} ({name}) {result}"
 
     # ---- the tick -------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Notice crashes, restart with backoff, probe health, rotate logs. Never blocks on a worker."""
-        process.reap()
+        """Observe every worker and carry out what the reconcile function decides; probe
+        health, rotate logs. Never blocks on a worker: actions run in the background."""
+        self.procs.reap()
         now = self.clock()
         for w in self.workers.values():
             if w.lock.locked():
                 continue
-            if w.handle is not None and not process.is_alive(w.handle):
+            alive = self.alive(w)
+            if w.handle is not None and not alive:
                 self._exited(w, now)
-            if w.restart_at is not None and now >= w.restart_at and w.desired:
-                w.restart_at = None
-                self.background(self._auto_restart(w))
+            was = w.life.lifecycle
+            step = lifecycle.reconcile(w.life, alive, now, self.policy)
+            w.life = step.life
+            if step.action == "launch":
+                self.background(self._auto_launch(w, restart=was == "backoff"))
+            elif step.action == "terminate":
+                self.background(self._auto_terminate(w))
             if w.handle is not None and not w.probing:
                 w.probing = True
                 self.background(self._probe(w))
-            process.rotate(self.log_path(w.spec.id))
-
-    def _crashed(self, w: Managed, now: float, reason: str) -> None:
-        """Count a crash; schedule a restart with backoff, or stop trying on a crash loop."""
-        w.handle, w.status, w.health = None, "crashed", Health(ok=False, error=reason)
-        w.crash_times = [t for t in w.crash_times if now - t <= self.policy.window_s] + [now]
-        w.last_error = reason
-        log.warning("worker %s crashed: %s", w.spec.id, reason)
-        delay = self.policy.delay(w.crash_times, now)
-        if delay is None:
-            w.crash_loop, w.restart_at = True, None
-            w.last_error = (
-                f"crash loop: {len(w.crash_times)} crashes in {self.policy.window_s:.0f} s; "
-                f"not restarting until asked to. Last: {reason}"
-            )
-        elif w.desired:
-            w.restart_at = now + delay
-        self.save()
+            self.procs.rotate(self.log_path(w.spec.id))
 
     def _exited(self, w: Managed, now: float) -> None:
-        tail = process.tail(self.log_path(w.spec.id), 5)
-        self._crashed(
-            w, now, "process exited unexpectedly" + (f"; log: {' | '.join(tail)}" if tail else "")
-        )
+        """The worker's process is gone without being asked to go."""
+        tail = self.procs.tail(self.log_path(w.spec.id), 5)
+        reason = "process exited unexpectedly" + (f"; log: {' | '.join(tail)}" if tail else "")
+        w.handle, w.health, w.models = None, Health(ok=False, error=reason), Models()
+        w.life = lifecycle.crashed(w.life, reason, now, self.policy)
+        log.warning("worker %s crashed: %s", w.spec.id, reason)
+        self.save()
 
-    async def _launch_or_crash(self, w: Managed) -> None:
-        try:
-            await self._launch(w)
-        except WorkerError as exc:
-            if exc.crashed:
-                self._crashed(w, self.clock(), str(exc))
-            raise
-
-    async def _auto_restart(self, w: Managed) -> None:
+    async def _auto_launch(self, w: Managed, restart: bool) -> None:
         async with w.lock:
-            if not w.desired or (w.handle is not None and process.is_alive(w.handle)):
+            if not w.life.wanted or self.alive(w):
                 return
-            w.restarts += 1
-            with contextlib.suppress(WorkerError):
-                await self._launch_or_crash(w)
+            if restart:
+                w.restarts += 1
+            try:
+                await self._launch(w)
+            except GpuPanelError as exc:  # recorded in the lifecycle; the next tick goes on
+                log.info("worker %s: %s", w.spec.id, exc)
+
+    async def _auto_terminate(self, w: Managed) -> None:
+        async with w.lock:
+            if not w.life.wanted:
+                await self._terminate(w)
 
     async def _probe(self, w: Managed) -> None:
         try:
@@ -366,13 +390,12 @@ class Supervisor:
         )
         w.models = models
         w.failed_probes = 0 if probe.ok else w.failed_probes + 1
-        if probe.ok:
-            w.status = "running"
-        elif w.failed_probes >= UNHEALTHY_AFTER:
-            w.status = "unhealthy"
 
-    async def refresh_models(self, w: Managed) -> None:
+    async def refresh_models(self, worker_id: str) -> None:
         """Read the worker's models now (after a load, unload or pull), not at the next probe."""
+        w = self.get(worker_id)
+        if w.handle is None:
+            return
         try:
             w.models = await asyncio.wait_for(
                 w.runtime.models(self.client, w.spec), PROBE_TIMEOUT_S
@@ -383,21 +406,21 @@ class Supervisor:
     # ---- process control ------------------------------------------------------------------
 
     async def _launch(self, w: Managed) -> None:
+        """Spawn the worker and wait until it is ready (the caller holds its lock)."""
         spec = w.spec
-        holder = port_holder(spec.port)
+        holder = self.procs.port_holder(spec.port)
         if holder is not None:
-            w.status = "stopped"
-            w.last_error = (
-                f"port {spec.port} is taken by pid {holder.pid} ({holder.name()}); not starting"
-            )
-            raise WorkerError(f"worker {spec.id}: {w.last_error}")
+            w.life = lifecycle.blocked(w.life, holder, spec.port, self.clock(), self.policy)
+            log.warning("worker %s: %s", spec.id, w.life.reason)
+            raise Conflict(f"worker {spec.id}: {w.life.reason}")
         launch = w.runtime.launch(spec)
-        log_path = self.log_path(spec.id)
         try:
-            w.handle = process.spawn(launch.argv, launch.env, log_path)
+            w.handle = self.procs.spawn(launch.argv, launch.env, self.log_path(spec.id))
         except LaunchError as exc:
-            raise WorkerError(f"worker {spec.id}: {exc}", status=502, crashed=True) from None
-        w.status, w.adopted, w.started_at, w.last_error = "starting", False, self.clock(), None
+            self._failed(w, str(exc))
+            raise WorkerFailed(f"worker {spec.id}: {exc}") from None
+        w.life = lifecycle.starting(w.life)
+        w.adopted, w.started_at, w.note = False, self.clock(), None
         w.health, w.failed_probes, w.models = Health(), 0, Models()
         self.save()
         log.info(
@@ -405,40 +428,48 @@ class Supervisor:
         )
         await self._wait_ready(w)
 
+    def _failed(self, w: Managed, reason: str) -> None:
+        """A launch failed: count it as a crash (backoff, or a crash loop)."""
+        w.handle, w.health = None, Health(ok=False, error=reason)
+        w.life = lifecycle.crashed(w.life, reason, self.clock(), self.policy)
+        log.warning("worker %s: %s", w.spec.id, w.life.reason)
+        self.save()
+
     async def _wait_ready(self, w: Managed) -> None:
         assert w.handle is not None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.panel.ready_timeout_s
+        timeout = self.config.panel.ready_timeout_s
+        deadline = loop.time() + timeout
         probe = Probe(ok=False, error="not probed")
         while loop.time() < deadline:
-            if not process.is_alive(w.handle):
-                process.reap()
-                tail = " | ".join(process.tail(self.log_path(w.spec.id), 10))
-                raise WorkerError(
-                    f"worker {w.spec.id} exited while starting. Last log lines: {tail}",
-                    status=502,
-                    crashed=True,
-                )
+            if not self.procs.is_alive(w.handle):
+                self.procs.reap()
+                tail = " | ".join(self.procs.tail(self.log_path(w.spec.id), 10))
+                message = f"worker {w.spec.id} exited while starting. Last log lines: {tail}"
+                self._failed(w, message)
+                raise WorkerFailed(message)
             probe = await w.runtime.probe(self.client, w.spec)
             if probe.ok:
-                w.status, w.health = "running", Health(ok=True, latency_ms=probe.latency_ms)
+                w.life = lifecycle.ready(w.life)
+                w.health = Health(ok=True, latency_ms=probe.latency_ms)
                 return
             await asyncio.sleep(0.1)
-        await self._terminate(w)
-        tail = " | ".join(process.tail(self.log_path(w.spec.id), 10))
-        raise WorkerError(
-            f"worker {w.spec.id}: not ready within {self.config.panel.ready_timeout_s:g} s "
-            f"({probe.error}); stopped it. Last log lines: {tail}",
-            status=504,
-            crashed=True,
+        await self.procs.stop(w.handle, self.config.panel.stop_grace_s)
+        tail = " | ".join(self.procs.tail(self.log_path(w.spec.id), 10))
+        message = (
+            f"worker {w.spec.id}: not ready within {timeout:g} s ({probe.error}); "
+            f"stopped it. Last log lines: {tail}"
         )
+        self._failed(w, message)
+        raise WorkerTimeout(message)
 
     async def _terminate(self, w: Managed) -> str:
         if w.handle is None:
-            w.status = "stopped"
+            w.life = lifecycle.stopped(w.life)
             return "gone"
-        result = await process.stop(w.handle, self.config.panel.stop_grace_s)
+        result = await self.procs.stop(w.handle, self.config.panel.stop_grace_s)
         log.info("worker %s: pid %d %s", w.spec.id, w.handle.pid, result)
-        w.handle, w.status, w.health, w.models = None, "stopped", Health(), Models()
+        w.handle, w.health, w.models = None, Health(), Models()
+        w.life = lifecycle.stopped(w.life)
         self.save()
         return result

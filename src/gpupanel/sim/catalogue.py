@@ -10,8 +10,12 @@ named in `GPUPANEL_SIM_CATALOGUE` overrides fields of built-in models or adds ne
                  "embedding_length": 2048, "head_count": 32, "head_count_kv": 8,
                  "context_length": 8192, "head_dim": 64, "sliding_window": null}]}
 
-Names are normalised as Ollama normalises them: lower case, `:latest` when no tag is given,
-and the default `registry.ollama.ai/library/` prefix dropped.
+The file stays flat: a model's shape fields (`architecture`, `block_count`, ...) sit next
+to its own (`parameters`, `size`, ...), and become the spec's `shape`, the
+`gpupanel.core.estimate.ModelShape` the KV-cache estimator reads.
+
+Names are normalised as Ollama normalises them: lower case, `:latest` when no tag is given
+(`gpupanel.core.names`), and the default `registry.ollama.ai/library/` prefix dropped.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import dataclasses
 import hashlib
 import json
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpupanel.core.defaults import SIM_CATALOGUE_ENV
 from gpupanel.core.estimate import ModelShape
+from gpupanel.core.names import canonical_model
 from gpupanel.errors import ConfigError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*(:[a-z0-9][a-z0-9._-]*)?$")
@@ -40,9 +47,7 @@ def normalise_name(name: str) -> str:
             break
     if not _NAME.match(name):
         raise ValueError(f"invalid model name {name!r}")
-    if ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return name
+    return canonical_model(name)
 
 
 def human_number(count: int) -> str:
@@ -56,46 +61,21 @@ def human_number(count: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One model as Ollama would describe it (GGUF metadata plus the blob size in bytes).
+    """One model as Ollama would describe it: its GGUF shape (what the KV-cache estimator
+    reads), parameter count, quantisation and blob size in bytes.
 
-    `head_dim` is None when the config does not set it explicitly (then it is
+    `shape.head_dim` is None when the config does not set it explicitly (then it is
     embedding_length / head_count and `/api/show` has no key_length/value_length).
     """
 
     name: str
-    architecture: str
+    shape: ModelShape
     parameters: int
     quantization: str
     size: int
-    block_count: int
-    embedding_length: int
-    head_count: int
-    head_count_kv: int
-    context_length: int
-    head_dim: int | None = None
-    sliding_window: int | None = None
     expert_count: int | None = None
     expert_used_count: int | None = None
     capabilities: tuple[str, ...] = ("completion",)
-
-    @property
-    def shape(self) -> ModelShape:
-        """What the KV-cache estimator needs (gpupanel.core.estimate)."""
-        return ModelShape(
-            architecture=self.architecture,
-            block_count=self.block_count,
-            head_count=self.head_count,
-            head_count_kv=self.head_count_kv,
-            embedding_length=self.embedding_length,
-            context_length=self.context_length,
-            head_dim=self.head_dim,
-            sliding_window=self.sliding_window,
-        )
-
-    @property
-    def kv_head_dim(self) -> int:
-        """The per-head key/value width used by the KV cache."""
-        return self.shape.kv_head_dim
 
     @property
     def embedding_only(self) -> bool:
@@ -112,30 +92,31 @@ class ModelSpec:
         return {
             "parent_model": "",
             "format": "gguf",
-            "family": self.architecture,
-            "families": [self.architecture],
+            "family": self.shape.architecture,
+            "families": [self.shape.architecture],
             "parameter_size": human_number(self.parameters),
             "quantization_level": self.quantization,
         }
 
     def model_info(self) -> dict[str, Any]:
         """The `model_info` of /api/show: GGUF keys, prefixed by the architecture."""
-        a = self.architecture
+        shape = self.shape
+        a = shape.architecture
         info: dict[str, Any] = {
             "general.architecture": a,
             "general.parameter_count": self.parameters,
             "general.quantization_version": 2,
-            f"{a}.block_count": self.block_count,
-            f"{a}.context_length": self.context_length,
-            f"{a}.embedding_length": self.embedding_length,
-            f"{a}.attention.head_count": self.head_count,
-            f"{a}.attention.head_count_kv": self.head_count_kv,
+            f"{a}.block_count": shape.block_count,
+            f"{a}.context_length": shape.context_length,
+            f"{a}.embedding_length": shape.embedding_length,
+            f"{a}.attention.head_count": shape.head_count,
+            f"{a}.attention.head_count_kv": shape.head_count_kv,
         }
-        if self.head_dim is not None:
-            info[f"{a}.attention.key_length"] = self.head_dim
-            info[f"{a}.attention.value_length"] = self.head_dim
-        if self.sliding_window is not None:
-            info[f"{a}.attention.sliding_window"] = self.sliding_window
+        if shape.head_dim is not None:
+            info[f"{a}.attention.key_length"] = shape.head_dim
+            info[f"{a}.attention.value_length"] = shape.head_dim
+        if shape.sliding_window is not None:
+            info[f"{a}.attention.sliding_window"] = shape.sliding_window
         if self.expert_count is not None:
             info[f"{a}.expert_count"] = self.expert_count
         if self.expert_used_count is not None:
@@ -155,20 +136,25 @@ def _m(
     ctx: int,
     quant: str,
     gb: float,
+    sliding_window: int | None = None,
     **extra: Any,
 ) -> ModelSpec:
+    shape = ModelShape(
+        architecture=arch,
+        block_count=layers,
+        head_count=heads,
+        head_count_kv=kv,
+        embedding_length=hidden,
+        context_length=ctx,
+        head_dim=hd,
+        sliding_window=sliding_window,
+    )
     return ModelSpec(
         name=name,
-        architecture=arch,
+        shape=shape,
         parameters=int(params),
         quantization=quant,
         size=int(gb * 1e9),
-        block_count=layers,
-        embedding_length=hidden,
-        head_count=heads,
-        head_count_kv=kv,
-        head_dim=hd,
-        context_length=ctx,
         **extra,
     )
 
@@ -213,29 +199,43 @@ BUILTIN: tuple[ModelSpec, ...] = (
 )
 # fmt: on
 
-_INT_FIELDS = (
-    "parameters",
-    "size",
-    "block_count",
-    "embedding_length",
-    "head_count",
-    "head_count_kv",
-    "context_length",
-)
-_OPTIONAL_INT_FIELDS = ("head_dim", "sliding_window", "expert_count", "expert_used_count")
-_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
+
+def _flat_fields() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The keys of a catalogue entry, from the dataclasses, in field order (the shape's
+    first): every key, the required ones, the integer ones, the optional integer ones."""
+    fields = [
+        *dataclasses.fields(ModelShape),
+        *(f for f in dataclasses.fields(ModelSpec) if f.name != "shape"),
+    ]
+    hints = {**typing.get_type_hints(ModelShape), **typing.get_type_hints(ModelSpec)}
+    return (
+        tuple(f.name for f in fields),
+        tuple(f.name for f in fields if f.default is dataclasses.MISSING and f.name != "name"),
+        tuple(f.name for f in fields if hints[f.name] is int),
+        tuple(f.name for f in fields if hints[f.name] == int | None),
+    )
+
+
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelShape))
+_FIELDS, _REQUIRED_FIELDS, _INT_FIELDS, _OPTIONAL_INT_FIELDS = _flat_fields()
+
+
+def _flatten(spec: ModelSpec) -> dict[str, Any]:
+    """A spec as a flat catalogue entry (its shape's fields next to its own)."""
+    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "shape"}
+    return {**values, **dataclasses.asdict(spec.shape)}
 
 
 def _spec_from_json(item: Any, base: ModelSpec | None, where: str) -> ModelSpec:
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: expected an object with a 'name'")
-    unknown = set(item) - _FIELDS
+    unknown = set(item).difference(_FIELDS)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
-    values: dict[str, Any] = dataclasses.asdict(base) if base else {}
+    values: dict[str, Any] = _flatten(base) if base else {}
     values.update(item)
     values["name"] = normalise_name(str(values["name"]))
-    for key in ("architecture", "quantization", *_INT_FIELDS):
+    for key in _REQUIRED_FIELDS:
         if key not in values:
             raise ConfigError(f"{where}: missing field {key!r}")
     for key in _INT_FIELDS:
@@ -250,7 +250,8 @@ def _spec_from_json(item: Any, base: ModelSpec | None, where: str) -> ModelSpec:
     if not isinstance(caps, (list, tuple)) or not all(isinstance(c, str) for c in caps):
         raise ConfigError(f"{where}: field 'capabilities' must be a list of strings")
     values["capabilities"] = tuple(caps)
-    return ModelSpec(**values)
+    shape = ModelShape(**{k: values.pop(k) for k in _SHAPE_FIELDS if k in values})
+    return ModelSpec(shape=shape, **values)
 
 
 def load_catalogue(path: str | Path | None = None) -> dict[str, ModelSpec]:
@@ -261,11 +262,11 @@ def load_catalogue(path: str | Path | None = None) -> dict[str, ModelSpec]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"GPUPANEL_SIM_CATALOGUE {path}: cannot read: {exc}") from None
+        raise ConfigError(f"{SIM_CATALOGUE_ENV} {path}: cannot read: {exc}") from None
     if isinstance(data, list):
         data = {"models": data}
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-        raise ConfigError(f"GPUPANEL_SIM_CATALOGUE {path}: expected {{'models': [...]}}")
+        raise ConfigError(f"{SIM_CATALOGUE_ENV} {path}: expected {{'models': [...]}}")
     if not data.get("include_builtin", True):
         catalogue = {}
     for index, item in enumerate(data["models"]):

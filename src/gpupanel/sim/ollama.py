@@ -48,6 +48,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gpupanel.core.units import gib
 from gpupanel.errors import ConfigError
 from gpupanel.sim.ollama_core import OllamaSim
 from gpupanel.sim.ollama_env import settings_from_env
@@ -153,7 +154,7 @@ async def serve(server: OllamaSim) -> int:
                 id=g.uuid,
                 library=library,
                 name=g.name,
-                total=f"{g.memory_total / 1024**3:.1f} GiB",
+                total=gib(g.memory_total),
             )
     if not server.visible:
         log("INFO", "no compatible GPUs were discovered (simulated)")

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpupanel.core.defaults import SIM_PULLED_ENV
 from gpupanel.errors import ConfigError
 from gpupanel.sim.catalogue import ModelSpec, load_catalogue, lookup
 from gpupanel.sim.modelstore import ModelStore
@@ -75,7 +76,7 @@ class OllamaSim:
         for name in pulled:
             spec = lookup(self.catalogue, name)
             if spec is None:
-                raise ConfigError(f"GPUPANEL_SIM_PULLED: {name!r} is not in the model catalogue")
+                raise ConfigError(f"{SIM_PULLED_ENV}: {name!r} is not in the model catalogue")
             if not self.store.has(spec.name):
                 self.store.add(spec)
 

@@ -17,6 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpupanel.core.defaults import (
+    LOOPBACK,
+    SIM_CATALOGUE_ENV,
+    SIM_FAULTS_ENV,
+    SIM_LOAD_SPEED_ENV,
+    SIM_OLLAMA_VERSION_ENV,
+    SIM_PULL_SPEED_ENV,
+    SIM_PULLED_ENV,
+    SIM_REPLY_TOKENS_ENV,
+    SIM_TOKENS_PER_S_ENV,
+)
 from gpupanel.errors import ConfigError
 from gpupanel.sim.workstation import SimGpu, Workstation
 
@@ -62,7 +73,7 @@ def parse_host(value: str) -> tuple[str, str, int]:
     hostport = hostport.partition("/")[0]
     host, port_text = _split_host_port(hostport)
     if port_text is None:
-        host, port_text = "127.0.0.1", str(default_port)
+        host, port_text = LOOPBACK, str(default_port)
         bare = hostport.strip("[]")
         if bare:
             try:
@@ -203,7 +214,7 @@ class Faults:
             if not item:
                 continue
             name, has_value, value = (s.strip() for s in item.partition("="))
-            where = f"GPUPANEL_SIM_FAULTS: {item!r}"
+            where = f"{SIM_FAULTS_ENV}: {item!r}"
             try:
                 if name in ("ignore_cuda_visible_devices", "hang_mid_stream", "exit_on_start"):
                     if has_value:
@@ -241,7 +252,7 @@ class Settings:
     """Everything the simulated server takes from its environment."""
 
     scheme: str = "http"
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK
     port: int = DEFAULT_PORT
     sim_dir: Path = Path(".")
     models_dir: Path = Path(".")
@@ -268,6 +279,9 @@ class Settings:
         """`host:port` as the server logs it."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+_DEFAULTS = Settings()
 
 
 def _uint(env: Mapping[str, str], key: str, default: int) -> int:
@@ -299,7 +313,8 @@ def settings_from_env(env: Mapping[str, str], sim_dir: Path) -> Settings:
     scheme, host, port = parse_host(env_var(env, "OLLAMA_HOST"))
     models = env_var(env, "OLLAMA_MODELS")
     kv_type = env_var(env, "OLLAMA_KV_CACHE_TYPE").lower()
-    pulled = tuple(p.strip() for p in env.get("GPUPANEL_SIM_PULLED", "").split(",") if p.strip())
+    pulled = tuple(p.strip() for p in env.get(SIM_PULLED_ENV, "").split(",") if p.strip())
+    d = _DEFAULTS
     return Settings(
         scheme=scheme,
         host=host,
@@ -307,20 +322,20 @@ def settings_from_env(env: Mapping[str, str], sim_dir: Path) -> Settings:
         sim_dir=sim_dir,
         models_dir=Path(models).expanduser() if models else sim_dir / "ollama-models",
         keep_alive=env_keep_alive(env_var(env, "OLLAMA_KEEP_ALIVE")),
-        num_parallel=max(1, _uint(env, "OLLAMA_NUM_PARALLEL", 1)),
-        max_loaded_models=_uint(env, "OLLAMA_MAX_LOADED_MODELS", 0),
-        max_queue=max(1, _uint(env, "OLLAMA_MAX_QUEUE", 512)),
-        context_length=_uint(env, "OLLAMA_CONTEXT_LENGTH", 0),
-        kv_cache_type=kv_type if kv_type in KV_CACHE_TYPES else "f16",
-        gpu_overhead=_uint(env, "OLLAMA_GPU_OVERHEAD", 0),
+        num_parallel=max(1, _uint(env, "OLLAMA_NUM_PARALLEL", d.num_parallel)),
+        max_loaded_models=_uint(env, "OLLAMA_MAX_LOADED_MODELS", d.max_loaded_models),
+        max_queue=max(1, _uint(env, "OLLAMA_MAX_QUEUE", d.max_queue)),
+        context_length=_uint(env, "OLLAMA_CONTEXT_LENGTH", d.context_length),
+        kv_cache_type=kv_type if kv_type in KV_CACHE_TYPES else d.kv_cache_type,
+        gpu_overhead=_uint(env, "OLLAMA_GPU_OVERHEAD", d.gpu_overhead),
         sched_spread=env_var(env, "OLLAMA_SCHED_SPREAD").lower() in ("1", "true", "yes", "on"),
         cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
-        catalogue_path=env_var(env, "GPUPANEL_SIM_CATALOGUE") or None,
+        catalogue_path=env_var(env, SIM_CATALOGUE_ENV) or None,
         pulled=pulled,
-        tokens_per_s=_positive(env, "GPUPANEL_SIM_TOKENS_PER_S", 200.0),
-        reply_tokens=int(_positive(env, "GPUPANEL_SIM_REPLY_TOKENS", 32)),
-        pull_bytes_per_s=_positive(env, "GPUPANEL_SIM_PULL_SPEED", 50e9, size=True),
-        load_bytes_per_s=_positive(env, "GPUPANEL_SIM_LOAD_SPEED", 100e9, size=True),
-        version=env_var(env, "GPUPANEL_SIM_OLLAMA_VERSION") or "0.33.0+sim",
-        faults=Faults.parse(env.get("GPUPANEL_SIM_FAULTS", "")),
+        tokens_per_s=_positive(env, SIM_TOKENS_PER_S_ENV, d.tokens_per_s),
+        reply_tokens=int(_positive(env, SIM_REPLY_TOKENS_ENV, d.reply_tokens)),
+        pull_bytes_per_s=_positive(env, SIM_PULL_SPEED_ENV, d.pull_bytes_per_s, size=True),
+        load_bytes_per_s=_positive(env, SIM_LOAD_SPEED_ENV, d.load_bytes_per_s, size=True),
+        version=env_var(env, SIM_OLLAMA_VERSION_ENV) or d.version,
+        faults=Faults.parse(env.get(SIM_FAULTS_ENV, "")),
     )

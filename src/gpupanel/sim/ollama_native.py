@@ -308,7 +308,7 @@ class NativeRoutes:
         texts = [raw] if isinstance(raw, str) else raw
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "invalid input type: input must be a string or a list of strings")
-        dims = spec.embedding_length
+        dims = spec.shape.embedding_length
         wanted = body.get("dimensions")
         if wanted is not None and (
             isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 < wanted <= dims
@@ -322,7 +322,8 @@ class NativeRoutes:
                     if count_tokens(text) > lm.num_ctx:
                         raise ApiError(400, "the input length exceeds the context length")
             vectors = [
-                embedding(spec.name, t, spec.embedding_length, dimensions=wanted) for t in texts
+                embedding(spec.name, t, spec.shape.embedding_length, dimensions=wanted)
+                for t in texts
             ]
         out: dict[str, Any] = {"model": model, "embeddings": vectors}
         prompt_tokens = sum(count_tokens(t) for t in texts) if texts else 0
@@ -341,5 +342,5 @@ class NativeRoutes:
         async with self.sim.hold(spec, self.sim.options(body), self.sim.keep_alive(body)):
             if not prompt:
                 return web.json_response({"embedding": []})
-            vector = embedding(spec.name, prompt, spec.embedding_length, normalise=False)
+            vector = embedding(spec.name, prompt, spec.shape.embedding_length, normalise=False)
         return web.json_response({"embedding": vector})

@@ -248,12 +248,12 @@ class OpenAIRoutes:
         if dims is not None and (
             isinstance(dims, bool)
             or not isinstance(dims, int)
-            or not 0 < dims <= spec.embedding_length
+            or not 0 < dims <= spec.shape.embedding_length
         ):
-            raise ApiError(400, f"dimensions must be between 1 and {spec.embedding_length}")
+            raise ApiError(400, f"dimensions must be between 1 and {spec.shape.embedding_length}")
         async with self.sim.hold(spec, {}, self.sim.settings.keep_alive):
             vectors = [
-                embedding(spec.name, t, spec.embedding_length, dimensions=dims) for t in texts
+                embedding(spec.name, t, spec.shape.embedding_length, dimensions=dims) for t in texts
             ]
         data = []
         for index, vector in enumerate(vectors):

@@ -6,7 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-SIM_DIR_ENV = "GPUPANEL_SIM_DIR"
+from gpupanel.core.defaults import RUNTIME_DIR_ENV, SIM_DIR_ENV
+
+__all__ = ["SIM_DIR_ENV", "sim_dir"]
 
 
 def sim_dir() -> Path:
@@ -14,7 +16,7 @@ def sim_dir() -> Path:
     explicit = os.environ.get(SIM_DIR_ENV)
     if explicit:
         return Path(explicit)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = os.environ.get(RUNTIME_DIR_ENV)
     if runtime:
         return Path(runtime) / "gpupanel-sim"
     return Path(tempfile.gettempdir()) / f"gpupanel-sim-{os.getuid()}"

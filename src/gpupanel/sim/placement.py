@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gpupanel.core.estimate import GIB, GRAPH_OVERHEAD, kv_cache_bytes
+from gpupanel.core.estimate import GRAPH_OVERHEAD, kv_cache_bytes
 from gpupanel.sim.catalogue import ModelSpec
 
-__all__ = ["GIB", "GRAPH_OVERHEAD", "Placement", "model_bytes", "place"]
+__all__ = ["GRAPH_OVERHEAD", "Placement", "model_bytes", "place"]
 
 
 def model_bytes(spec: ModelSpec, num_ctx: int, parallel: int, kv_cache_type: str) -> int:

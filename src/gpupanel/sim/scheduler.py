@@ -97,7 +97,7 @@ class Scheduler:
 
     def num_ctx_for(self, spec: ModelSpec, requested: int | None) -> int:
         return effective_num_ctx(
-            spec.context_length, requested, self.settings.context_length, self.visible_vram
+            spec.shape.context_length, requested, self.settings.context_length, self.visible_vram
         )
 
     def free_memory(self) -> list[tuple[str, int]]:
@@ -203,11 +203,11 @@ class Scheduler:
             self._unload(victim, "max loaded models reached")
         s = self.settings
         size = model_bytes(spec, num_ctx, s.num_parallel, s.kv_cache_type)
-        forced = faults.spill > 0 or (num_gpu is not None and 0 <= num_gpu < spec.block_count)
+        forced = faults.spill > 0 or (num_gpu is not None and 0 <= num_gpu < spec.shape.block_count)
         while True:
             placement = place(
                 size,
-                spec.block_count,
+                spec.shape.block_count,
                 self.free_memory(),
                 spread=s.sched_spread,
                 max_gpu_layers=num_gpu,

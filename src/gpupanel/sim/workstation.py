@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpupanel.atomic import write_atomic
+from gpupanel.core.units import GIB
 from gpupanel.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -26,7 +27,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-GIB = 1024**3
 _NAMESPACE = uuidlib.UUID("5b0f6a52-1f1e-4d0c-9a53-6770756e656c")
 _CARDS = {
     24: ("NVIDIA GeForce RTX 4090 (simulated)", 450.0),

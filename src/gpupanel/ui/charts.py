@@ -12,9 +12,9 @@ import ipywidgets
 import numpy as np
 
 from gpupanel.core.history import History
+from gpupanel.core.units import GIB
 from gpupanel.ui.binder import Batch
 
-GIB = 1024**3
 HISTORY_FIELDS = ("used", "total", "util", "power", "temperature")
 USED, TOTAL, UTIL = "#2563eb", "#9ca3af", "#ea580c"
 

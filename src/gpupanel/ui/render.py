@@ -11,9 +11,9 @@ import html
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from gpupanel.core.units import gib
 from gpupanel.ui.heuristics import GpuActivity
 
-GIB = 1024**3
 MUTED = "color:#6b7280"
 SEVERITY_COLOURS = {"critical": "#b91c1c", "warning": "#b45309", "info": "#2563eb"}
 STATUS_COLOURS = {
@@ -36,11 +36,6 @@ CELL = "padding:1px 8px 1px 0;text-align:left;vertical-align:top"
 def esc(value: Any) -> str:
     """Text for HTML; None is an em dash."""
     return "\u2014" if value is None else html.escape(str(value), quote=True)
-
-
-def gib(n: float | None) -> str:
-    """Bytes as GiB with one decimal; '?' when unknown."""
-    return "?" if n is None else f"{n / GIB:.1f} GiB"
 
 
 def clock(t: float | None) -> str:

@@ -1,5 +1,8 @@
 """The live widget panel: what `Panel.show()` (and `%gpupanel`) displays.
 
+It reads its control plane through `gpupanel.ui.source.PanelSource` (a `gpupanel.client.Panel`
+is one); it never imports the client, which sits above it.
+
 One writer (DESIGN.md section 10): every widget change happens in `PanelWidget.refresh()`,
 one binder pass that reads one snapshot and writes the differences inside `hold_sync()`
 (see `gpupanel.ui.binder.Batch`). A daemon thread runs it about once a second; tests call
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ipywidgets as w
 
@@ -32,9 +35,7 @@ from gpupanel.ui.binder import Batch, Binder, Commands, Outcome, Reply, describe
 from gpupanel.ui.cards import GpuCard, LoadForm, WorkerRow
 from gpupanel.ui.charts import gpu_history, sample_of
 from gpupanel.ui.heuristics import ActivityTracker
-
-if TYPE_CHECKING:
-    from gpupanel.ui.panel import Panel
+from gpupanel.ui.source import PanelSource
 
 logger = logging.getLogger(__name__)
 PAST_TENSE = {"start": "started", "stop": "stopped", "restart": "restarted"}
@@ -48,7 +49,11 @@ class PanelWidget(w.VBox):
     """
 
     def __init__(
-        self, panel: Panel, interval_s: float = 1.0, autostart: bool = True, window_s: float = 300
+        self,
+        panel: PanelSource,
+        interval_s: float = 1.0,
+        autostart: bool = True,
+        window_s: float = 300,
     ) -> None:
         self.panel = panel
         self.interval_s = interval_s
@@ -140,7 +145,7 @@ class PanelWidget(w.VBox):
         changed. Returns the number of trait writes (0 when nothing changed)."""
         error = None
         fetched = snapshot is None
-        if snapshot is None and _shut_down(self.panel):
+        if snapshot is None and self.panel.closed:
             # The Panel itself was shut down (`panel.shutdown()`, `%reload_ext`): nothing will
             # ever answer through it, so stop polling instead of retrying forever.
             error = "this Panel was shut down; show a new one with gpupanel.start() or connect()"
@@ -242,7 +247,12 @@ class PanelWidget(w.VBox):
     # ---- commands (clicks submit; the binder shows) --------------------------------------
 
     def _submit_action(self, action: str, worker_id: str) -> None:
-        method: Callable[[str], dict[str, Any]] = getattr(self.panel, action)
+        actions: dict[str, Callable[[str], Mapping[str, Any]]] = {
+            "start": self.panel.start,
+            "stop": self.panel.stop,
+            "restart": self.panel.restart,
+        }
+        method = actions[action]
 
         def run() -> Reply:
             worker = method(worker_id)
@@ -328,11 +338,6 @@ def _older(snapshot: Mapping[str, Any], current: Mapping[str, Any] | None) -> bo
     if current is None or snapshot.get("time") is None or current.get("time") is None:
         return False
     return bool(snapshot["time"] < current["time"])
-
-
-def _shut_down(panel: Panel) -> bool:
-    """True once `panel.shutdown()` closed its HTTP client."""
-    return bool(getattr(getattr(panel, "http", None), "is_closed", False))
 
 
 def _status_html(pending: Mapping[str, str], outcomes: Mapping[str, Outcome]) -> str:

@@ -13,6 +13,7 @@ import httpx
 
 from gpupanel.adapters.runtimes.base import Launch, Models, Probe
 from gpupanel.core.config import WorkerSpec
+from gpupanel.core.defaults import LOOPBACK
 from gpupanel.core.worker import LoadedModel
 from gpupanel.errors import RuntimeRequestError
 
@@ -43,7 +44,7 @@ def pinned_launch(
 
 def base_url(spec: WorkerSpec) -> str:
     """Workers listen on loopback only; the proxy is what other hosts may reach."""
-    return f"http://127.0.0.1:{spec.port}"
+    return f"http://{LOOPBACK}:{spec.port}"
 
 
 def describe(exc: BaseException) -> str:

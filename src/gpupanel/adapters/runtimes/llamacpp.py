@@ -17,6 +17,7 @@ import httpx
 from gpupanel.adapters.runtimes import _common
 from gpupanel.adapters.runtimes.base import Launch
 from gpupanel.core.config import WorkerSpec
+from gpupanel.core.defaults import LOOPBACK
 from gpupanel.errors import ConfigError
 
 DEFAULT_CONTEXT = 4096
@@ -46,7 +47,7 @@ class LlamaCppRuntime(_common.SingleModelRuntime):
             )
         args = (
             "-m", spec.model_path,
-            "--host", "127.0.0.1",
+            "--host", LOOPBACK,
             "--port", str(spec.port),
             "-c", str(spec.context or DEFAULT_CONTEXT),
             "-np", str(spec.parallel or 1),

@@ -22,6 +22,8 @@ import httpx
 from gpupanel.adapters.runtimes import _common
 from gpupanel.adapters.runtimes.base import Launch, Models, Probe
 from gpupanel.core.config import WorkerSpec
+from gpupanel.core.defaults import LOOPBACK
+from gpupanel.core.names import same_model
 from gpupanel.core.worker import LoadedModel
 from gpupanel.errors import RuntimeRequestError
 
@@ -51,7 +53,7 @@ class OllamaRuntime(_common.HttpRuntime):
             env["OLLAMA_CONTEXT_LENGTH"] = str(spec.context)
         if spec.parallel is not None:
             env["OLLAMA_NUM_PARALLEL"] = str(spec.parallel)
-        forced = {"OLLAMA_HOST": f"127.0.0.1:{spec.port}"}
+        forced = {"OLLAMA_HOST": f"{LOOPBACK}:{spec.port}"}
         return _common.pinned_launch(spec, ("ollama",), ("serve",), env, forced)
 
     async def probe(self, client: httpx.AsyncClient, spec: WorkerSpec) -> Probe:
@@ -120,12 +122,11 @@ class OllamaRuntime(_common.HttpRuntime):
                 client, spec, "POST", "/api/show", body={"model": model}, what=f"show {model}"
             ),
         )
-        names = (model, f"{model}:latest")
         size = next(
             (
                 _common.int_or_none(m.get("size"))
                 for m in _common.records(tags, "models")
-                if m.get("name") in names
+                if isinstance(m.get("name"), str) and same_model(m["name"], model)
             ),
             None,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from gpupanel.adapters.runtimes import _common
 from gpupanel.adapters.runtimes.base import Launch
 from gpupanel.core.config import WorkerSpec
+from gpupanel.core.defaults import LOOPBACK
 from gpupanel.errors import ConfigError
 
 
@@ -26,7 +27,7 @@ class VllmRuntime(_common.SingleModelRuntime):
             raise ConfigError(
                 f"worker {spec.id!r}: a vllm worker needs field 'models' (the model it serves)"
             )
-        args = ["serve", spec.models[0], "--host", "127.0.0.1", "--port", str(spec.port)]
+        args = ["serve", spec.models[0], "--host", LOOPBACK, "--port", str(spec.port)]
         if spec.context is not None:
             args += ["--max-model-len", str(spec.context)]
         if spec.alias is not None:

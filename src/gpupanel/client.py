@@ -1,9 +1,15 @@
-"""The Python API of a control plane: `gpupanel.start()` and `gpupanel.connect()` give a
-`Panel` (CONTRACT.md "Python and Jupyter").
+"""The Python client of a control plane: `gpupanel.start()` and `gpupanel.connect()` give
+a `Panel` (CONTRACT.md "Python and Jupyter").
 
 A Panel speaks to the control plane's HTTP API, so the same calls work on the control plane
 in this kernel and on one running elsewhere (`gpupanel serve`, another kernel). In-process,
 snapshots are read straight from the runtime (no HTTP, no JSON round trip).
+
+Layers: the client sits above the widgets (`Panel.show()` builds a `gpupanel.ui` panel,
+which sees the Panel only as a `gpupanel.ui.source.PanelSource`) and below what uses it
+(`gpupanel.cli`, `gpupanel.magics`, `gpupanel.dashboard`, `gpupanel.launchers`). The
+control plane itself (`gpupanel.api`, `gpupanel.services`) is imported only by `start()`
+and for types, so importing the client stays cheap.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gpupanel.core.config import DEFAULT_PANEL_PORT
+from gpupanel.core.snapshot import Snapshot
 from gpupanel.errors import GpuPanelError
-from gpupanel.services.runtime import ControlPlane, PanelPortBusy
 
 if TYPE_CHECKING:
+    from gpupanel.services.runtime import ControlPlane
     from gpupanel.ui.widgets import PanelWidget
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PANEL_PORT}"
@@ -55,6 +62,11 @@ class Panel:
         """True when the control plane runs in this process (this kernel)."""
         return self.plane is not None
 
+    @property
+    def closed(self) -> bool:
+        """True once `shutdown()` ran: nothing answers through this Panel any more."""
+        return self.http.is_closed
+
     # ---- HTTP --------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
@@ -85,6 +97,17 @@ class Panel:
         if self.plane is not None:
             return self.plane.snapshot.to_json()
         return dict(self._call("GET", "/panel/snapshot", timeout=SNAPSHOT_TIMEOUT_S))
+
+    def typed_snapshot(self) -> Snapshot:
+        """The latest snapshot as typed values (`gpupanel.core.snapshot.Snapshot`): the
+        runtime's own in-process, else rebuilt from the JSON form."""
+        if self.plane is not None:
+            return self.plane.snapshot
+        data = self.snapshot()
+        try:
+            return Snapshot.from_json(data)
+        except (TypeError, ValueError) as exc:
+            raise PanelError(f"{self.url} sent a snapshot this client cannot read: {exc}") from None
 
     @property
     def workers(self) -> dict[str, dict[str, Any]]:
@@ -266,6 +289,7 @@ def start(
     already serving the port. `simulate=True` (or a spec such as "2x24,2x48") uses a
     simulated workstation; `config` is a gpupanel.toml path."""
     from gpupanel.api.plane import control_plane
+    from gpupanel.services.runtime import PanelPortBusy
 
     spec = None if simulate is False else ("" if simulate is True else str(simulate))
     url = f"http://127.0.0.1:{port or DEFAULT_PANEL_PORT}"

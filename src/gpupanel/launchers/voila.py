@@ -24,9 +24,8 @@ from typing import IO
 
 import psutil
 
+from gpupanel.client import URL_ENV, answers
 from gpupanel.errors import GpuPanelError
-from gpupanel.services.runtime import bind_panel_socket
-from gpupanel.ui.panel import URL_ENV, answers
 
 DEFAULT_DASHBOARD_PORT = 17320
 INSTALL_HINT = "pip install 'gpupanel[jupyter]'"
@@ -51,8 +50,8 @@ class DashboardError(GpuPanelError):
 
 
 def notebook_path() -> Path:
-    """The dashboard notebook shipped inside the package."""
-    return Path(str(resources.files("gpupanel.ui").joinpath("dashboard.ipynb")))
+    """The dashboard notebook shipped inside the package (`gpupanel/dashboard/`)."""
+    return Path(str(resources.files("gpupanel.dashboard").joinpath("dashboard.ipynb")))
 
 
 def voila_available() -> bool:
@@ -77,6 +76,8 @@ def voila_command(port: int, notebook: Path | None = None, log_level: str = "WAR
 def check_port_free(port: int, option: str = "--port") -> None:
     """Raise a GpuPanelError naming the port and the fix (`option`) when 127.0.0.1:`port`
     is taken."""
+    from gpupanel.services.runtime import bind_panel_socket  # the control plane's, lazily
+
     bind_panel_socket("127.0.0.1", port, option).close()
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from gpupanel.client import DEFAULT_URL, URL_ENV, Panel, connect
 from gpupanel.errors import GpuPanelError
-from gpupanel.ui.panel import DEFAULT_URL, URL_ENV, Panel, connect
 
 RETRY_S = 3.0
 

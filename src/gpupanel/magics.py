@@ -21,8 +21,10 @@ from typing import Any
 from IPython.core.magic import Magics, line_magic, magics_class
 from traitlets import Bool, Int, Unicode, Union
 
+from gpupanel.client import Panel, PanelError, start
+from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.units import gib
 from gpupanel.errors import GpuPanelError, NoDriverError
-from gpupanel.ui.panel import Panel, PanelError, start
 
 USAGE = """usage:
   %gpupanel                          show the panel
@@ -87,7 +89,7 @@ class GpuPanelMagics(Magics):
                 return panel.show()
             command, rest = words[0], words[1:]
             if command == "status":
-                print(status_text(panel.snapshot()))
+                print(status_text(panel.typed_snapshot()))
                 return None
             if command in ("start", "stop", "restart") and len(rest) == 1:
                 worker = getattr(panel, command)(rest[0])
@@ -123,24 +125,19 @@ def _load_parser() -> argparse.ArgumentParser:
     return p
 
 
-def status_text(snap: dict[str, Any]) -> str:
+def status_text(snap: Snapshot) -> str:
     """Workers, GPUs and warnings of a snapshot as plain text."""
-    gib = 1024**3
-    lines = [f"gpupanel: {'SIMULATED ' if snap['simulated'] else ''}{len(snap['gpus'])} GPU(s)"]
-    for g in snap["gpus"].values():
-        m = g["memory"]
-        used = "?" if m["used"] is None else f"{m['used'] / gib:.1f}"
-        total = "?" if m["total"] is None else f"{m['total'] / gib:.1f}"
+    lines = [f"gpupanel: {'SIMULATED ' if snap.simulated else ''}{len(snap.gpus)} GPU(s)"]
+    for g in snap.gpus:
+        used, total = gib(g.memory.used, unit=False), gib(g.memory.total)
+        lines.append(f"  GPU {g.index} {g.name}: {used}/{total}, util {g.utilization.gpu} %")
+    for w in snap.workers:
+        loaded = ", ".join(m.name for m in w.models_loaded) or "-"
         lines.append(
-            f"  GPU {g['index']} {g['name']}: {used}/{total} GiB, util {g['utilization']['gpu']} %"
+            f"  {w.id}: {w.status}, pin {w.pin}, GPU {w.gpu_index}, port {w.port}, loaded {loaded}"
         )
-    for w in snap["workers"].values():
-        loaded = ", ".join(m["name"] for m in w["models_loaded"]) or "-"
-        lines.append(
-            f"  {w['id']}: {w['status']}, pin {w['pin']}, GPU {w['gpu_index']}, port {w['port']}, loaded {loaded}"
-        )
-    for warning in snap["warnings"]:
-        lines.append(f"  [{warning['severity']}] {warning['code']}: {warning['message']}")
+    for warning in snap.warnings:
+        lines.append(f"  [{warning.severity}] {warning.code}: {warning.message}")
     return "\n".join(lines)
 
 

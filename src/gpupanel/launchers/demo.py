@@ -30,18 +30,23 @@ import psutil
 
 from gpupanel._version import __version__
 from gpupanel.api.plane import control_plane
+from gpupanel.client import Panel, PanelError
 from gpupanel.core.config import DEFAULT_PANEL_PORT, Config, PanelSettings, WorkerSpec
+from gpupanel.core.units import gib
 from gpupanel.errors import GpuPanelError
+from gpupanel.launchers.demo_traffic import Caller, TrafficGenerator
+from gpupanel.launchers.voila import (
+    DEFAULT_DASHBOARD_PORT,
+    INSTALL_HINT,
+    VoilaServer,
+    check_port_free,
+)
 from gpupanel.services.runtime import ControlPlane
 from gpupanel.sim.paths import SIM_DIR_ENV
 from gpupanel.sim.workstation import Workstation, parse_spec
-from gpupanel.ui.demo_traffic import Caller, TrafficGenerator
-from gpupanel.ui.panel import Panel, PanelError
-from gpupanel.ui.voila import DEFAULT_DASHBOARD_PORT, INSTALL_HINT, VoilaServer, check_port_free
 
 log = logging.getLogger("gpupanel.demo")
 
-GIB = 1024**3
 TOKENS_PER_S = 40
 """A human reading speed, so streams last a few seconds and the in-flight view has company."""
 
@@ -239,7 +244,7 @@ class Demo:
         """The banner: what is simulated, and every URL."""
         assert self.plane is not None and self.panel is not None
         url = self.plane.url
-        sizes = ", ".join(f"{g.memory_total / GIB:g} GiB" for g in self.workstation.gpus)
+        sizes = ", ".join(gib(g.memory_total, digits=0) for g in self.workstation.gpus)
         self.say(f"gpupanel {__version__} demo on a SIMULATED workstation")
         self.say(
             f"  simulated: {len(self.workstation.gpus)} GPUs ({sizes}), one fake Ollama worker "
@@ -296,7 +301,7 @@ class Demo:
 def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
     """Run the demo until Ctrl-C, SIGTERM or `options.duration`; the exit status."""
     if options.dashboard:
-        from gpupanel.ui.voila import voila_available
+        from gpupanel.launchers.voila import voila_available
 
         if not voila_available():
             raise GpuPanelError(

@@ -1,0 +1,188 @@
+"""The plane: what serves every node's workers as one (docs/architecture.md, "Node and plane").
+
+It merges the nodes' samples into the published snapshot (adding the traffic registry's
+requests and apps, each worker's owner and routing bench, and the warnings), maps a
+worker id to its node, carries out worker operations through that node, and owns the
+loader (the VRAM guard). The API and the proxy talk to the plane; the plane talks to nodes
+only through the `Node` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+from gpupanel.core.config import Config
+from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.units import GIB
+from gpupanel.core.warnings import Thresholds, evaluate
+from gpupanel.core.worker import WorkerState
+from gpupanel.errors import NotFound
+from gpupanel.services.loader import Loader
+from gpupanel.services.node import Node
+from gpupanel.services.traffic import Traffic
+
+
+def merge(parts: Sequence[Snapshot]) -> Snapshot:
+    """One snapshot of several nodes' samples (GPUs and workers side by side)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Snapshot(
+        time=max(p.time for p in parts),
+        simulated=any(p.simulated for p in parts),
+        gpus=tuple(g for p in parts for g in p.gpus),
+        host=parts[0].host if parts else None,
+        workers=tuple(w for p in parts for w in p.workers),
+    )
+
+
+class Plane:
+    """Every node's workers behind one API: snapshot, operations, loader, traffic.
+
+    Runs on the runtime loop (one writer): `refresh()` publishes, everyone else reads
+    `snapshot`. `url` is where the plane serves (for each worker's proxied `base_url`)."""
+
+    def __init__(self, nodes: Sequence[Node], config: Config, url: str, version: str) -> None:
+        self.nodes = list(nodes)
+        self.url = url
+        self.version = version
+        self.simulated = any(n.simulated for n in self.nodes)
+        self.traffic = Traffic()
+        self.thresholds = Thresholds(near_full_percent=config.panel.near_full_percent)
+        self.snapshot = Snapshot(time=0.0, simulated=self.simulated, gpus=())
+        self.loader = Loader(
+            self.node_of,
+            lambda: self.snapshot,
+            self.refresh,
+            margin=int(config.panel.load_margin_gib * GIB),
+            strict=config.panel.strict_loads,
+        )
+        self._published: asyncio.Condition | None = None
+
+    # ---- workers and nodes ----------------------------------------------------------------
+
+    def node_of(self, worker_id: str) -> Node:
+        """The node that runs `worker_id`, or NotFound naming the known workers."""
+        for node in self.nodes:
+            if worker_id in node.worker_ids():
+                return node
+        known = sorted(w for n in self.nodes for w in n.worker_ids())
+        raise NotFound(f"no worker {worker_id!r} (workers: {', '.join(known) or 'none'})")
+
+    def worker(self, worker_id: str) -> WorkerState:
+        """The worker's state in the latest snapshot."""
+        for w in self.snapshot.workers:
+            if w.id == worker_id:
+                return w
+        self.node_of(worker_id)  # NotFound naming the known ones
+        raise NotFound(f"worker {worker_id!r} is not in the snapshot yet; try again")
+
+    # ---- the snapshot ---------------------------------------------------------------------
+
+    def compose(self, raw: Snapshot) -> Snapshot:
+        """The nodes' sample plus traffic, ownership, routing bench and warnings."""
+        owners = self.traffic.owners()
+        benched = self.traffic.bench.benched(time.monotonic())
+        workers = tuple(
+            replace(
+                w,
+                base_url=f"{self.url}/proxy/{w.id}/v1",
+                owner=owners.get(w.id),
+                benched=w.id in benched,
+            )
+            for w in raw.workers
+        )
+        snap = replace(
+            raw, workers=workers, requests=self.traffic.requests(), apps=self.traffic.app_infos()
+        )
+        warnings = evaluate(snap, self.snapshot.warnings, raw.time, self.thresholds)
+        return replace(snap, warnings=warnings)
+
+    async def refresh(self) -> Snapshot:
+        """Sample every node now and publish a new snapshot (also after every operation)."""
+        parts = await asyncio.gather(*(n.sample() for n in self.nodes))
+        self.snapshot = self.compose(merge(parts))
+        if self._published is None:
+            self._published = asyncio.Condition()
+        async with self._published:
+            self._published.notify_all()
+        return self.snapshot
+
+    async def next_snapshot(self, timeout: float) -> Snapshot | None:
+        """The next snapshot published (None if none comes within `timeout` seconds)."""
+        if self._published is None:
+            self._published = asyncio.Condition()
+        async with self._published:
+            try:
+                await asyncio.wait_for(self._published.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return self.snapshot
+
+    # ---- operations -------------------------------------------------------------------------
+
+    async def start(self, worker_id: str) -> WorkerState:
+        """Start a worker and wait until it is ready."""
+        try:
+            await self.node_of(worker_id).start(worker_id)
+        finally:
+            await self.refresh()
+        return self.worker(worker_id)
+
+    async def stop(self, worker_id: str) -> tuple[str, WorkerState]:
+        """Stop a worker; returns how its process ended and its state."""
+        try:
+            result = await self.node_of(worker_id).stop(worker_id)
+        finally:
+            await self.refresh()
+        return result, self.worker(worker_id)
+
+    async def restart(self, worker_id: str) -> WorkerState:
+        try:
+            await self.node_of(worker_id).restart(worker_id)
+        finally:
+            await self.refresh()
+        return self.worker(worker_id)
+
+    async def ensure(self) -> list[str]:
+        """Start what should run and does not, on every node; the ids started."""
+        try:
+            started = await asyncio.gather(*(n.ensure() for n in self.nodes))
+        finally:
+            await self.refresh()
+        return [w for ids in started for w in ids]
+
+    async def stop_pid(self, pid: int, force: bool) -> str:
+        """Stop a process by PID (a worker's, or any GPU process with `force`)."""
+        gpu_pids = {p.pid for g in self.snapshot.gpus for p in g.processes}
+        try:
+            return await self.nodes[0].stop_pid(pid, force, gpu_pids)
+        finally:
+            await self.refresh()
+
+    def log(self, worker_id: str, lines: int) -> list[str]:
+        """The last lines of a worker's log."""
+        return self.node_of(worker_id).log(worker_id, lines)
+
+    # ---- keeping routing current ------------------------------------------------------------
+
+    async def models_changed(self, worker_id: str) -> None:
+        """A worker's models changed through gpupanel (a pull, load or unload passed through
+        the proxy): read them now and publish, so `/v1` routes to them at once."""
+        await self.node_of(worker_id).refresh_models(worker_id)
+        await self.refresh()
+
+    async def reprobe(self) -> None:
+        """Read every running worker's models now (a routed request named a model no worker
+        was known to have: it may have appeared since the last probe)."""
+        await asyncio.gather(
+            *(
+                n.refresh_models(w.id)
+                for n in self.nodes
+                for w in self.snapshot.workers
+                if w.node == n.name and w.pid is not None
+            )
+        )
+        await self.refresh()

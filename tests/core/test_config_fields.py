@@ -1,0 +1,72 @@
+"""The config's allowed keys and defaults come from its dataclasses, and the default
+addresses and environment names are defined once (gpupanel.core.defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gpupanel.core import defaults
+from gpupanel.core.config import PanelSettings, WorkerSpec, default_config, parse_config
+from gpupanel.errors import ConfigError
+
+GPUS = ["GPU-aaa", "GPU-bbb"]
+
+
+def test_panel_defaults_are_the_dataclass_defaults() -> None:
+    cfg = parse_config({"panel": {}}, "f.toml", GPUS)
+    assert cfg.panel == PanelSettings()
+    assert cfg.panel.host == defaults.LOOPBACK and cfg.panel.port == defaults.DEFAULT_PANEL_PORT
+    assert defaults.DEFAULT_PANEL_URL == "http://127.0.0.1:8765"
+
+
+def test_zero_config_ports_start_at_the_default_worker_port() -> None:
+    ports = [w.port for w in default_config(GPUS).workers]
+    assert ports == [defaults.DEFAULT_WORKER_PORT, defaults.DEFAULT_WORKER_PORT + 1]
+
+
+def test_every_panel_field_is_a_known_key() -> None:
+    panel = {f.name: getattr(PanelSettings(), f.name) for f in dataclasses.fields(PanelSettings)}
+    panel["state_dir"] = "/tmp/state"
+    cfg = parse_config({"panel": panel}, "f.toml", GPUS)
+    assert cfg.panel == PanelSettings(state_dir="/tmp/state")
+
+
+def test_unknown_keys_name_the_known_ones_from_the_dataclasses() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"panel": {"colour": "red"}}, "f.toml", GPUS)
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(PanelSettings)))
+    assert str(info.value) == f"f.toml: [panel]: unknown field 'colour' (known: {known})"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"workers": [{"id": "w", "gpu": 0, "port": 11500, "x": 1}]}, "f.toml", GPUS)
+    known = ", ".join(sorted(f.name for f in dataclasses.fields(WorkerSpec)))
+    assert str(info.value) == f"f.toml: worker 'w': unknown field 'x' (known: {known})"
+
+
+def test_every_worker_field_is_a_known_key() -> None:
+    worker = {
+        "id": "w",
+        "runtime": "llamacpp",
+        "gpu": 1,
+        "port": 11500,
+        "models": ["m"],
+        "env": {"A": "1"},
+        "command": ["llama-server"],
+        "args": ["--x"],
+        "model_path": "/m.gguf",
+        "context": 4096,
+        "parallel": 2,
+        "alias": "m",
+        "autostart": False,
+    }
+    assert set(worker) == {f.name for f in dataclasses.fields(WorkerSpec)}
+    (spec,) = parse_config({"workers": [worker]}, "f.toml", GPUS).workers
+    assert spec.gpu == "GPU-bbb" and spec.autostart is False and spec.command == ("llama-server",)
+
+
+def test_environment_names() -> None:
+    names = [v for k, v in vars(defaults).items() if k.endswith("_ENV")]
+    assert len(names) == len(set(names))
+    assert defaults.SIM_DIR_ENV == "GPUPANEL_SIM_DIR"
+    assert defaults.STATE_HOME_ENV == "XDG_STATE_HOME"
