@@ -22,7 +22,7 @@ Figures are medians over rounds; "added" is the per-round difference to direct, 
 median. Before measuring, each path is checked to answer the expected JSON and SSE (and,
 through gpupanel, to name the worker in `X-GPUPanel-Worker`); during the runs every answer
 must be a 200 with the expected body, so a broken proxy fails instead of scoring well.
-Budgets (DESIGN.md section 9) are judged for gpupanel's two routes; exit status 1 if one is
+Budgets (docs/architecture.md, "Performance budgets") are judged for gpupanel's two routes; exit status 1 if one is
 missed.
 
     python benchmarks/proxy.py [--rounds 3] [--litellm PATH | $LITELLM_BIN] [--quick]

@@ -3,7 +3,7 @@
 Each "worker" is a real process that listens on a loopback port and holds simulated VRAM
 in the ledger, like a fake Ollama server would. The figure is the CPU time (process time
 of this process, so I/O waits are not counted) of `Sampler.snapshot(pids, ports)`, the
-median of many calls. Budget (DESIGN.md section 9): <= 5 ms.
+median of many calls. Budget (docs/architecture.md, "Performance budgets"): <= 5 ms.
 
     python benchmarks/snapshot.py [--rounds 300]
 """

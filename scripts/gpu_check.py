@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check the NVML backend on a machine with an NVIDIA GPU (DESIGN.md section 8).
+"""Check the NVML backend on a machine with an NVIDIA GPU (docs/architecture.md, "Testing").
 
 A child pinned with `CUDA_VISIBLE_DEVICES=<uuid>` allocates ~1 GiB with PyTorch; gpupanel's
 `NvmlBackend` must see it on that GPU and on no other. Repeated on the second GPU if there

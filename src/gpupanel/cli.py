@@ -1,4 +1,4 @@
-"""The `gpupanel` command line (CONTRACT.md "Command line")."""
+"""The `gpupanel` command line (docs/api.md, "Command line")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The Python client of a control plane: `gpupanel.start()` and `gpupanel.connect()` give
-a `Panel` (CONTRACT.md "Python and Jupyter").
+a `Panel` (docs/api.md, "Python API").
 
 A Panel speaks to the control plane's HTTP API, so the same calls work on the control plane
 in this kernel and on one running elsewhere (`gpupanel serve`, another kernel). In-process,
@@ -93,7 +93,7 @@ class Panel:
     # ---- telemetry -----------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The latest snapshot (CONTRACT.md shapes): gpus, workers, warnings, requests, apps."""
+        """The latest snapshot (docs/api.md shapes): gpus, workers, warnings, requests, apps."""
         if self.plane is not None:
             return self.plane.snapshot.to_json()
         return dict(self._call("GET", "/panel/snapshot", timeout=SNAPSHOT_TIMEOUT_S))

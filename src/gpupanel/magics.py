@@ -1,4 +1,4 @@
-"""`%load_ext gpupanel` and the `%gpupanel` line magic (CONTRACT.md "Python and Jupyter").
+"""`%load_ext gpupanel` and the `%gpupanel` line magic (docs/api.md, "Jupyter").
 
 Loading the extension starts the control plane in a background thread of the kernel, or
 attaches to the one already serving the port, and shows the panel. Unloading it (also what

@@ -1,4 +1,4 @@
-"""The KV-cache estimator against the worked figures of shared/reference/models.md."""
+"""The KV-cache estimator against worked figures from real models' published shapes."""
 
 from __future__ import annotations
 

@@ -312,3 +312,17 @@ def test_a_worker_that_dies_under_a_live_request_is_failed_over_and_benched(pane
     assert wait_for(
         lambda: panel.worker("e")["benched"], 3, "e benched after a failed live request"
     )
+
+
+def test_a_model_pulled_through_the_proxy_is_routable_at_once(panel: Panel) -> None:
+    """Pull through `/proxy/c/api/pull`, then chat on `/v1` straight away: the pull's answer
+    ends only after c's model list was read again, so the route knows the model."""
+    pulled = "smollm2:135m"
+    assert all(pulled not in w["models_available"] for w in panel.workers().values())
+    progress = list(ollama.Client(host=f"{panel.url}/proxy/c").pull(pulled, stream=True))
+    assert progress[-1].status == "success"
+    raw = client(panel, "/v1").chat.completions.with_raw_response.create(
+        model=pulled, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert raw.http_response.status_code == 200 and raw.headers["x-gpupanel-worker"] == "c"
+    assert raw.parse().choices[0].message.content

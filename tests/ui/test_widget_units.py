@@ -33,7 +33,7 @@ def synthetic(
     requests: tuple[RequestInfo, ...] = (),
     simulated: bool = True,
 ) -> dict[str, Any]:
-    """A CONTRACT.md snapshot of `n` GPUs and one worker per GPU, built from the real
+    """A snapshot (docs/api.md shapes) of `n` GPUs and one worker per GPU, built from the real
     dataclasses so its shape is the one the control plane publishes."""
     gpus = tuple(
         GpuSample(

@@ -1,4 +1,4 @@
-"""Finding and reading `gpupanel.toml` (CONTRACT.md "Configuration")."""
+"""Finding and reading `gpupanel.toml` (docs/api.md, "Configuration")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Host telemetry: process trees, their CPU and memory, and who holds which TCP port.
 
-Cheap per tick (DESIGN.md section 9): process objects are kept between ticks (psutil's CPU
+Cheap per tick (docs/architecture.md, "Performance budgets"): process objects are kept between ticks (psutil's CPU
 percent needs the previous reading); on Linux the process tree comes from
 `/proc/<pid>/task/<tid>/children` and sockets from one filtered read of `/proc/net/tcp{,6}`
 matched against the watched trees' file descriptors. Reading that table costs the kernel a

@@ -1,4 +1,4 @@
-"""Localhost safety (DESIGN.md section 7): Host checks against DNS rebinding, and no
+"""Localhost safety (docs/architecture.md, "Security"): Host checks against DNS rebinding, and no
 cross-origin mutation of the management API. No CORS headers are ever sent on /panel."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The configuration (CONTRACT.md "Configuration"): parsed from plain data, validated.
+"""The configuration (docs/api.md, "Configuration"): parsed from plain data, validated.
 
 Pure: the caller reads the TOML file and passes the GPUs' UUIDs (in index order) so that a
 worker's `gpu` may be given as an index and is resolved to its UUID here. Every error names

@@ -1,4 +1,4 @@
-"""The KV-cache estimator and projected VRAM of a model load (DESIGN.md section 6).
+"""The KV-cache estimator and projected VRAM of a model load (docs/architecture.md, "Guard and estimator").
 
 KV bytes per token and layer = 2 (K and V) x kv_heads x head_dim x bytes per element
 (f16 2, q8_0 34/32, q4_0 18/32). A full-attention layer holds num_ctx x parallel tokens.

@@ -1,6 +1,6 @@
 """The immutable telemetry model: GPU samples and host samples, and their JSON form.
 
-One JSON form for all of them (CONTRACT.md "Shapes"): `jsonable()` turns a dataclass into
+One JSON form for all of them (docs/api.md, "JSON shapes"): `jsonable()` turns a dataclass into
 plain JSON values field by field, and `from_jsonable()` is its exact inverse, driven by the
 dataclasses' fields and type hints. The Snapshot that holds them is in
 `gpupanel.core.snapshot`. GPUs are identified by UUID; the index is for display.

@@ -1,4 +1,4 @@
-"""In-flight requests and apps as the snapshot reports them (CONTRACT.md "Request", "App")."""
+"""In-flight requests and apps as the snapshot reports them (docs/api.md, "Request" and "App")."""
 
 from __future__ import annotations
 

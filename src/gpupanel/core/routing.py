@@ -1,4 +1,4 @@
-"""Choosing a worker for a model at the shared `/v1` endpoint (DESIGN.md section 5).
+"""Choosing a worker for a model at the shared `/v1` endpoint (docs/architecture.md, "The path of a request").
 
 A candidate is a worker that is running, answers its health probe, serves the model, is
 allowed to the calling app, and is not sitting out a penalty for failing live requests.

@@ -1,6 +1,6 @@
 """The Snapshot: everything the control plane knows at one tick, and its JSON form.
 
-`to_json()` is the CONTRACT.md form (GPUs keyed by UUID, workers by id, the rest as lists)
+`to_json()` is the documented form (docs/api.md, "Snapshot") (GPUs keyed by UUID, workers by id, the rest as lists)
 and `Snapshot.from_json()` its exact inverse, generic over the dataclasses it holds (see
 `gpupanel.core.model.from_jsonable`): a field added to WorkerState or GpuSample needs no
 change here, keys a reader does not know are ignored and missing optional ones take their
@@ -46,7 +46,7 @@ class Snapshot:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        """The CONTRACT.md form: GPUs keyed by UUID, workers by id, the rest as lists."""
+        """The documented form (docs/api.md, "Snapshot"): GPUs keyed by UUID, workers by id, the rest as lists."""
         return {
             "time": self.time,
             "simulated": self.simulated,

@@ -1,4 +1,4 @@
-"""One warning as the snapshot reports it (CONTRACT.md "Warning codes").
+"""One warning as the snapshot reports it (docs/api.md, "Warning codes").
 
 The rules that raise warnings are in `gpupanel.core.warnings`; this module holds only the
 value, so that the Snapshot and the rules can both import it without an import cycle.

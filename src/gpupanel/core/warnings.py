@@ -1,4 +1,4 @@
-"""Warning rules: pure functions over a snapshot (CONTRACT.md "Warning codes").
+"""Warning rules: pure functions over a snapshot (docs/api.md, "Warning codes").
 
 Each warning has a stable code, a severity, the subject it is about (a worker id, a GPU
 UUID, a pid), a message that says what is wrong and what to do, and `since`: when the

@@ -34,6 +34,7 @@ from gpupanel.adapters.state import StateStore, WorkerRecord
 from gpupanel.core import lifecycle
 from gpupanel.core.config import Config, WorkerSpec
 from gpupanel.core.lifecycle import Life, PortHolder
+from gpupanel.core.model import from_jsonable
 from gpupanel.core.restart import RestartPolicy
 from gpupanel.core.worker import Health, percentile
 from gpupanel.errors import (
@@ -125,11 +126,8 @@ def _record_spec(spec: WorkerSpec) -> dict[str, object]:
 
 
 def _spec_from_record(data: dict[str, object]) -> WorkerSpec:
-    fields = {f.name for f in dataclasses.fields(WorkerSpec)}
-    kwargs = {k: v for k, v in data.items() if k in fields}
-    for name in ("models", "command", "args"):
-        kwargs[name] = tuple(kwargs.get(name) or ())  # type: ignore[arg-type]
-    return WorkerSpec(**kwargs)  # type: ignore[arg-type]
+    spec: WorkerSpec = from_jsonable(WorkerSpec, data)
+    return spec
 
 
 class Supervisor:

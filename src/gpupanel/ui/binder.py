@@ -1,4 +1,4 @@
-"""The machinery of the panel's one-writer rule (DESIGN.md section 10).
+"""The machinery of the panel's one-writer rule (docs/architecture.md, "One writer").
 
 - `Batch`: the writes of one binder pass. A trait is set only when its value changed, and
   each widget touched is held with `hold_sync()` until the pass ends, so a changed widget

@@ -10,7 +10,7 @@ see tokens: it sees chunks of proxied responses. So:
   bypass the proxy are not counted, and chunks a request streamed after the last snapshot
   before it finished are missed.
 
-Pure functions and one small stateful tally over CONTRACT.md snapshot dicts; no widgets.
+Pure functions and one small stateful tally over snapshot dicts (docs/api.md); no widgets.
 """
 
 from __future__ import annotations

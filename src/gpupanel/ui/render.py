@@ -1,6 +1,6 @@
 """Snapshot pieces as small HTML fragments for the panel's HTML widgets.
 
-Pure functions over CONTRACT.md snapshot dicts: no widgets, no I/O, so they are cheap to
+Pure functions over snapshot dicts (docs/api.md): no widgets, no I/O, so they are cheap to
 call on every binder pass and easy to test. Every value from the snapshot is escaped.
 """
 

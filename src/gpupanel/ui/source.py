@@ -35,7 +35,7 @@ class PanelSource(Protocol):
         ...
 
     def snapshot(self) -> Mapping[str, Any]:
-        """The latest snapshot in its JSON form (CONTRACT.md shapes)."""
+        """The latest snapshot in its JSON form (docs/api.md, "JSON shapes")."""
         ...
 
     def start(self, worker_id: str) -> Mapping[str, Any]:

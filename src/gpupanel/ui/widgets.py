@@ -3,7 +3,7 @@
 It reads its control plane through `gpupanel.ui.source.PanelSource` (a `gpupanel.client.Panel`
 is one); it never imports the client, which sits above it.
 
-One writer (DESIGN.md section 10): every widget change happens in `PanelWidget.refresh()`,
+One writer (docs/architecture.md): every widget change happens in `PanelWidget.refresh()`,
 one binder pass that reads one snapshot and writes the differences inside `hold_sync()`
 (see `gpupanel.ui.binder.Batch`). A daemon thread runs it about once a second; tests call
 `refresh()` themselves after `stop()`. Buttons only submit commands to a small pool

@@ -28,7 +28,7 @@ def pinned_launch(
     env: Mapping[str, str] = {},
     forced: Mapping[str, str] = {},
 ) -> Launch:
-    """The argv and environment that start `spec` pinned to its GPU (DESIGN.md section 4).
+    """The argv and environment that start `spec` pinned to its GPU (docs/architecture.md, "Identity and pinning").
 
     argv: `spec.command` (or the runtime's `default_command`), the runtime's `args`, then
     `spec.args`. env: `CUDA_DEVICE_ORDER=PCI_BUS_ID` and the runtime's `env`, overridden by

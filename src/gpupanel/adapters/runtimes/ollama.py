@@ -1,6 +1,6 @@
 """Ollama (`ollama serve`) as a worker runtime.
 
-Launch environment (DESIGN.md section 4): `OLLAMA_HOST=127.0.0.1:<port>` (forced: the
+Launch environment (docs/architecture.md, "Identity and pinning"): `OLLAMA_HOST=127.0.0.1:<port>` (forced: the
 control plane probes that port), `OLLAMA_VULKAN=0` (Ollama 0.24-0.32's Vulkan backend sees
 NVIDIA cards and ignores `CUDA_VISIBLE_DEVICES`) and `OLLAMA_NOPRUNE=1` (workers may share
 a models directory, and one start must not prune another's blobs). `OLLAMA_CONTEXT_LENGTH`
