@@ -324,7 +324,7 @@ class Proxy:
         except UpstreamError as exc:
             raise _UpstreamFailed(str(exc)) from None
         try:
-            if upstream.status == 503 and path in ROUTED:
+            if upstream.status == 503 and scope["path"] in ROUTED:  # /v1 fails over; /proxy passes
                 try:
                     reason = (await upstream.read())[:200].decode(errors="replace")
                 except UpstreamError as exc:
@@ -347,7 +347,10 @@ class Proxy:
 
     def _models_changed(self, worker_id: str) -> Callable[[], Awaitable[None]]:
         async def refresh() -> None:
-            await self.plane.models_changed(worker_id)
+            # The worker's answer is on its way: a failure to re-read its models must not
+            # break it (the next probe reads them anyway).
+            with contextlib.suppress(GpuPanelError):
+                await self.plane.models_changed(worker_id)
 
         return refresh
 

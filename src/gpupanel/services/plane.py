@@ -24,6 +24,9 @@ from gpupanel.services.loader import Loader
 from gpupanel.services.node import Node
 from gpupanel.services.traffic import Traffic
 
+REPROBE_EVERY_S = 1.0
+"""How long one re-probe of the workers' models serves requests for unknown models."""
+
 
 def merge(parts: Sequence[Snapshot]) -> Snapshot:
     """One snapshot of several nodes' samples (GPUs and workers side by side)."""
@@ -60,6 +63,8 @@ class Plane:
             strict=config.panel.strict_loads,
         )
         self._published: asyncio.Condition | None = None
+        self._reprobing: asyncio.Future[None] | None = None
+        self._reprobed_at = 0.0
 
     # ---- workers and nodes ----------------------------------------------------------------
 
@@ -176,7 +181,17 @@ class Plane:
 
     async def reprobe(self) -> None:
         """Read every running worker's models now (a routed request named a model no worker
-        was known to have: it may have appeared since the last probe)."""
+        was known to have: it may have appeared since the last probe). Requests that ask at
+        the same time share one re-probe, and one re-probe serves for REPROBE_EVERY_S, so
+        a client asking for unknown models cannot make gpupanel flood its workers."""
+        if self._reprobing is None or (
+            self._reprobing.done() and time.monotonic() - self._reprobed_at >= REPROBE_EVERY_S
+        ):
+            self._reprobed_at = time.monotonic()
+            self._reprobing = asyncio.ensure_future(self._reprobe())
+        await asyncio.shield(self._reprobing)
+
+    async def _reprobe(self) -> None:
         await asyncio.gather(
             *(
                 n.refresh_models(w.id)

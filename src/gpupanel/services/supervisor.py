@@ -405,7 +405,9 @@ class Supervisor:
 
     async def _launch(self, w: Managed) -> None:
         """Spawn the worker and wait until it is ready (the caller holds its lock)."""
-        spec = w.spec
+        # A fresh launch applies the current configuration (an adopted worker may carry
+        # the spec it was launched with under an older one); unconfigured ones keep theirs.
+        spec = w.spec = self.config.worker(w.spec.id) or w.spec
         holder = self.procs.port_holder(spec.port)
         if holder is not None:
             w.life = lifecycle.blocked(w.life, holder, spec.port, self.clock(), self.policy)
