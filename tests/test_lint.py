@@ -1,4 +1,4 @@
-"""The project's own checks: ruff, mypy --strict on core/adapters/sim, the import layers."""
+"""The project's own checks: ruff, mypy --strict on the whole package, the import layers."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_ruff_lint_and_format() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-def test_mypy_strict_on_core_adapters_and_sim() -> None:
+def test_mypy_strict_on_the_whole_package() -> None:
     result = run(sys.executable, "-m", "mypy")
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -58,7 +58,7 @@ def format_snapshot(snap: Snapshot) -> str:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from gpupanel.api.plane import gpu_backend
+    from gpupanel.api.build import gpu_backend
     from gpupanel.services.sampler import Sampler
 
     sampler = Sampler(gpu_backend(args.simulate))
@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from gpupanel.api.plane import control_plane
+    from gpupanel.api.build import control_plane
     from gpupanel.services.runtime import bind_panel_socket, run_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

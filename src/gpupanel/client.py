@@ -288,7 +288,7 @@ def start(
     """Start the control plane in a background thread of this process, or attach to the one
     already serving the port. `simulate=True` (or a spec such as "2x24,2x48") uses a
     simulated workstation; `config` is a gpupanel.toml path."""
-    from gpupanel.api.plane import control_plane
+    from gpupanel.api.build import control_plane
     from gpupanel.services.runtime import PanelPortBusy
 
     spec = None if simulate is False else ("" if simulate is True else str(simulate))

@@ -29,6 +29,8 @@ Lifecycle = Literal[
     "stopped", "starting", "running", "stopping", "backoff", "crash_loop", "blocked"
 ]
 Action = Literal["none", "launch", "terminate"]
+Status = Literal["stopped", "starting", "running", "unhealthy", "crashed", "blocked"]
+"""The worker `status` of the HTTP contract: a summary of lifecycle and health."""
 
 LIVE: frozenset[Lifecycle] = frozenset({"starting", "running", "stopping"})
 """The states in which the worker has (or is getting) a process."""
@@ -163,13 +165,13 @@ def blocked(life: Life, holder: PortHolder, port: int, now: float, policy: Resta
     )
 
 
-def contract_status(life: Lifecycle, healthy: bool | None) -> str:
+def contract_status(life: Lifecycle, healthy: bool | None) -> Status:
     """The worker `status` of the HTTP contract (`stopped | starting | running | unhealthy |
     crashed | blocked`), derived from the lifecycle and the health verdict."""
-    if life in ("backoff", "crash_loop"):
+    if life == "backoff" or life == "crash_loop":
         return "crashed"
     if life == "stopping":
         return "running"
-    if life == "running" and healthy is False:
-        return "unhealthy"
+    if life == "running":
+        return "unhealthy" if healthy is False else "running"
     return life

@@ -7,10 +7,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from gpupanel.core.lifecycle import Lifecycle, PortHolder
+from gpupanel.core.lifecycle import Lifecycle, PortHolder, Status
 from gpupanel.core.model import GpuSample
 
-Status = Literal["stopped", "starting", "running", "unhealthy", "crashed", "blocked"]
 Pin = Literal["verified", "wrong_gpu", "spilled", "unverified"]
 
 

@@ -29,7 +29,7 @@ from typing import TextIO
 import psutil
 
 from gpupanel._version import __version__
-from gpupanel.api.plane import control_plane
+from gpupanel.api.build import control_plane
 from gpupanel.client import Panel, PanelError
 from gpupanel.core.config import DEFAULT_PANEL_PORT, Config, PanelSettings, WorkerSpec
 from gpupanel.core.units import gib

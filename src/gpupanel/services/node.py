@@ -166,7 +166,7 @@ class LocalNode:
             gpu_index=gpu.index if gpu else None,
             port=spec.port,
             pid=w.handle.pid if w.handle else None,
-            status=w.status,  # type: ignore[arg-type]
+            status=w.status,
             lifecycle=w.life.lifecycle,
             pin=pin if w.handle else "unverified",
             base_url="",

@@ -163,6 +163,7 @@ class Plane:
         """Stop a process by PID (a worker's, or any GPU process with `force`)."""
         gpu_pids = {p.pid for g in self.snapshot.gpus for p in g.processes}
         try:
+            # A pid names a process of the host the plane runs on: the local node.
             return await self.nodes[0].stop_pid(pid, force, gpu_pids)
         finally:
             await self.refresh()

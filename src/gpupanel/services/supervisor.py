@@ -33,7 +33,7 @@ from gpupanel.adapters.runtimes.registry import runtime_for
 from gpupanel.adapters.state import StateStore, WorkerRecord
 from gpupanel.core import lifecycle
 from gpupanel.core.config import Config, WorkerSpec
-from gpupanel.core.lifecycle import Life, PortHolder
+from gpupanel.core.lifecycle import Life, PortHolder, Status
 from gpupanel.core.model import from_jsonable
 from gpupanel.core.restart import RestartPolicy
 from gpupanel.core.worker import Health, percentile
@@ -110,7 +110,7 @@ class Managed:
         return None if self.health.ok is None else True
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         """The contract's worker status (derived from lifecycle and health)."""
         return lifecycle.contract_status(self.life.lifecycle, self.healthy)
 
