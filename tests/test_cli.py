@@ -101,14 +101,15 @@ def test_workers_table_from_a_typed_snapshot() -> None:
 
 
 def test_progress_line_and_defaults_share_one_definition(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpupanel import cli, client
+    from gpupanel import cli
     from gpupanel.core.config import DEFAULT_PANEL_PORT
+    from gpupanel.core.defaults import DEFAULT_PANEL_URL, URL_ENV
     from gpupanel.launchers.voila import DEFAULT_DASHBOARD_PORT
 
     line = cli.progress_line({"status": "pulling", "total": 4 * 1024**3, "completed": 1024**3})
     assert line.endswith("[#######-----------------------]   1.00/4.00 GiB")
-    monkeypatch.delenv(client.URL_ENV, raising=False)
+    monkeypatch.delenv(URL_ENV, raising=False)
     args = cli.build_parser().parse_args(["dashboard"])
-    assert (args.port, args.url) == (DEFAULT_DASHBOARD_PORT, client.DEFAULT_URL)
-    assert client.DEFAULT_URL.endswith(f"127.0.0.1:{DEFAULT_PANEL_PORT}")
+    assert (args.port, args.url) == (DEFAULT_DASHBOARD_PORT, DEFAULT_PANEL_URL)
+    assert DEFAULT_PANEL_URL.endswith(f"127.0.0.1:{DEFAULT_PANEL_PORT}")
     assert cli.build_parser().parse_args(["demo"]).port == DEFAULT_PANEL_PORT

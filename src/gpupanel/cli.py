@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from gpupanel._version import __version__
-from gpupanel.client import DEFAULT_URL, URL_ENV
 from gpupanel.core.config import DEFAULT_PANEL_PORT
+from gpupanel.core.defaults import DEFAULT_PANEL_URL, URL_ENV
 from gpupanel.core.model import GpuSample
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.units import gib
@@ -232,8 +232,8 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 def _add_url(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
-        default=os.environ.get(URL_ENV, DEFAULT_URL),
-        help=f"control plane URL (default ${URL_ENV} or {DEFAULT_URL})",
+        default=os.environ.get(URL_ENV, DEFAULT_PANEL_URL),
+        help=f"control plane URL (default ${URL_ENV} or {DEFAULT_PANEL_URL})",
     )
 
 

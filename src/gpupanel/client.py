@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from gpupanel.core.config import DEFAULT_PANEL_PORT
+from gpupanel.core.defaults import DEFAULT_PANEL_PORT, DEFAULT_PANEL_URL, LOOPBACK, URL_ENV
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.errors import GpuPanelError
 
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from gpupanel.services.runtime import ControlPlane
     from gpupanel.ui.widgets import PanelWidget
 
-DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PANEL_PORT}"
-URL_ENV = "GPUPANEL_URL"
 SNAPSHOT_TIMEOUT_S = 5.0
 """A snapshot is cheap: waiting longer means the control plane hangs (say so, retry)."""
 
@@ -268,7 +266,7 @@ def connect(url: str | None = None, wait_s: float = 0.0) -> Panel:
     """A Panel on the control plane at `url` (default `$GPUPANEL_URL`, else 127.0.0.1:8765)."""
     import time
 
-    url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    url = (url or os.environ.get(URL_ENV) or DEFAULT_PANEL_URL).rstrip("/")
     deadline = time.monotonic() + wait_s
     while not answers(url):
         if time.monotonic() >= deadline:
@@ -292,7 +290,7 @@ def start(
     from gpupanel.services.runtime import PanelPortBusy
 
     spec = None if simulate is False else ("" if simulate is True else str(simulate))
-    url = f"http://127.0.0.1:{port or DEFAULT_PANEL_PORT}"
+    url = f"http://{LOOPBACK}:{port or DEFAULT_PANEL_PORT}"
     if url in _running and _running[url].plane is not None:
         return _running[url]
     plane = control_plane(config, spec, port=port)

@@ -22,6 +22,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from traitlets import Bool, Int, Unicode, Union
 
 from gpupanel.client import Panel, PanelError, start
+from gpupanel.core.defaults import SIMULATE_ENV
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.units import gib
 from gpupanel.errors import GpuPanelError, NoDriverError
@@ -53,7 +54,7 @@ class GpuPanelMagics(Magics):
         self.panel: Panel | None = None
 
     def _simulate(self) -> bool | str:
-        env = os.environ.get("GPUPANEL_SIMULATE")
+        env = os.environ.get(SIMULATE_ENV)
         if self.simulate is False and env:
             return True if env.lower() in ("1", "true", "yes", "") else env
         return bool(self.simulate) if isinstance(self.simulate, bool) else str(self.simulate)

@@ -16,7 +16,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from gpupanel.client import DEFAULT_URL, URL_ENV, Panel, connect
+from gpupanel.client import Panel, connect
+from gpupanel.core.defaults import DEFAULT_PANEL_URL, URL_ENV
 from gpupanel.errors import GpuPanelError
 
 RETRY_S = 3.0
@@ -47,7 +48,7 @@ class Dashboard:
         connect: Callable[[str], Panel] = connect,
         show: Callable[[Panel], Any] | None = None,
     ) -> None:
-        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_PANEL_URL).rstrip("/")
         self.retry_s = retry_s
         self._connect = connect
         self._show = show or (lambda panel: panel.show())

@@ -32,6 +32,7 @@ from gpupanel._version import __version__
 from gpupanel.api.build import control_plane
 from gpupanel.client import Panel, PanelError
 from gpupanel.core.config import DEFAULT_PANEL_PORT, Config, PanelSettings, WorkerSpec
+from gpupanel.core.defaults import SIM_PULLED_ENV, SIM_REPLY_TOKENS_ENV, SIM_TOKENS_PER_S_ENV
 from gpupanel.core.units import gib
 from gpupanel.errors import GpuPanelError
 from gpupanel.launchers.demo_traffic import Caller, TrafficGenerator
@@ -103,9 +104,9 @@ def demo_config(workstation: Workstation, port: int, state_dir: Path, exclude: s
     """One simulated Ollama worker pinned per GPU (ids gpu0...), on free ports, with PULLED
     on disk and a human token rate."""
     env = {
-        "GPUPANEL_SIM_PULLED": ",".join(PULLED),
-        "GPUPANEL_SIM_TOKENS_PER_S": str(TOKENS_PER_S),
-        "GPUPANEL_SIM_REPLY_TOKENS": "200",
+        SIM_PULLED_ENV: ",".join(PULLED),
+        SIM_TOKENS_PER_S_ENV: str(TOKENS_PER_S),
+        SIM_REPLY_TOKENS_ENV: "200",
         "OLLAMA_NOPRUNE": "1",  # the workers share one models directory
         "OLLAMA_KEEP_ALIVE": "-1",
         # The traffic's requests name no context length; the same default as the guarded

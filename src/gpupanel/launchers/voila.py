@@ -24,7 +24,8 @@ from typing import IO
 
 import psutil
 
-from gpupanel.client import URL_ENV, answers
+from gpupanel.client import answers
+from gpupanel.core.defaults import URL_ENV
 from gpupanel.errors import GpuPanelError
 
 DEFAULT_DASHBOARD_PORT = 17320

@@ -21,7 +21,7 @@ from gpupanel.adapters.runtimes.ollama import KeepAlive
 from gpupanel.core.estimate import Estimate, effective_num_ctx, estimate
 from gpupanel.core.names import same_model
 from gpupanel.core.snapshot import Snapshot
-from gpupanel.core.units import GIB, gib
+from gpupanel.core.units import gib
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import Conflict, Invalid, NotFound
 from gpupanel.services.node import Node
@@ -196,6 +196,3 @@ class Loader:
 def estimate_json(e: Estimate) -> dict[str, Any]:
     """The estimate with its derived figures (total, fits)."""
     return {**asdict(e), "total": e.total, "fits": e.fits, "explain": e.explain()}
-
-
-__all__ = ["GIB", "LoadRequest", "Loader", "estimate_json"]
