@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import enum
 import functools
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 
 def jsonable(value: Any) -> Any:
-    """Turn dataclasses, tuples, sets and mappings into plain JSON values, field by field."""
+    """Turn dataclasses, tuples and mappings into plain JSON values, field by field."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [jsonable(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return [jsonable(v) for v in sorted(value, key=repr)]
     return value
 
 
@@ -39,10 +35,9 @@ def from_jsonable(tp: Any, value: Any) -> Any:
     Driven by the type alone, so it needs no change when a dataclass gains a field:
     dataclasses are rebuilt field by field from their type hints (keys the class does not
     have are ignored; a missing field takes its default, or None when it may be None), lists
-    become the tuples, sets and lists the hints name, objects keyed by numbers become
-    mappings keyed by int, `X | None` keeps None. Scalars pass as they are (an int where a
-    float is expected becomes a float). A value of the wrong shape raises ValueError.
-    The per-type work is done once and cached.
+    become tuples, objects keyed by numbers become mappings keyed by int, `X | None` keeps
+    None, an int where a float is expected becomes a float. A value of the wrong shape
+    raises ValueError. The per-type work is done once and cached.
     """
     return _decoder(tp)(value)
 
@@ -58,7 +53,7 @@ def _as_float(value: Any) -> Any:
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-def _items(value: Any, what: str) -> list[Any] | tuple[Any, ...]:
+def _items(value: Any, what: object) -> list[Any] | tuple[Any, ...]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list for {what}, got {type(value).__name__}")
     return value
@@ -67,33 +62,20 @@ def _items(value: Any, what: str) -> list[Any] | tuple[Any, ...]:
 @functools.cache
 def _decoder(tp: Any) -> _Decoder:
     """How to rebuild a value of type `tp` from JSON (cached per type)."""
-    if tp is Any or tp is object:
-        return _identity
     if tp is float:
         return _as_float
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union or origin is types.UnionType:
-        return _union_decoder(args)
-    if origin is Literal:
-        return _identity
-    if origin is tuple or tp is tuple:
-        if not args:
-            return lambda v: tuple(_items(v, "tuple"))
-        if len(args) == 2 and args[1] is Ellipsis:
-            item = _decoder(args[0])
-            return lambda v: tuple([item(x) for x in _items(v, str(tp))])
-        parts = tuple(_decoder(a) for a in args)
-        return lambda v: tuple([d(x) for d, x in zip(parts, _items(v, str(tp)), strict=False)])
-    if origin in (list, collections.abc.Sequence, collections.abc.MutableSequence) or tp is list:
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) != 1:
+            return _identity  # a union of plain JSON values passes as it is
+        only = _decoder(arms[0])
+        return lambda v: None if v is None else only(v)
+    if origin is tuple:
         item = _decoder(args[0]) if args else _identity
-        return lambda v: [item(x) for x in _items(v, str(tp))]
-    if origin in (set, frozenset, collections.abc.Set, collections.abc.MutableSet):
-        item = _decoder(args[0]) if args else _identity
-        make = set if origin in (set, collections.abc.MutableSet) else frozenset
-        return lambda v: make(item(x) for x in _items(v, str(tp)))
-    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping) or tp is dict:
-        key = _key_decoder(args[0]) if args else _identity
+        return lambda v: tuple([item(x) for x in _items(v, tp)])
+    if origin in (dict, collections.abc.Mapping):
+        key = int if args and args[0] is int else _identity
         val = _decoder(args[1]) if args else _identity
 
         def mapping(v: Any) -> dict[Any, Any]:
@@ -104,42 +86,7 @@ def _decoder(tp: Any) -> _Decoder:
         return mapping
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return functools.partial(_decode_dataclass, tp)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp
     return _identity
-
-
-def _key_decoder(tp: Any) -> _Decoder:
-    """JSON object keys are strings: numbers come back as int (or float)."""
-    if tp is int:
-        return int
-    if tp is float:
-        return float
-    return _decoder(tp)
-
-
-def _union_decoder(args: tuple[Any, ...]) -> _Decoder:
-    arms = tuple(a for a in args if a is not type(None))
-    nullable = len(arms) < len(args)
-    if len(arms) == 1:
-        only = _decoder(arms[0])
-        return lambda v: None if v is None and nullable else only(v)
-    plain = tuple(a for a in arms if a in (str, int, float, bool))
-    decoders = tuple(_decoder(a) for a in arms)
-
-    def union(v: Any) -> Any:
-        if v is None and nullable:
-            return None
-        if plain and isinstance(v, plain):
-            return v
-        for decode in decoders:
-            try:
-                return decode(v)
-            except (ValueError, TypeError):
-                continue
-        return v
-
-    return union
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +100,7 @@ class _FieldCodec:
 @functools.cache
 def _codecs(cls: type) -> tuple[_FieldCodec, ...]:
     """The init fields of dataclass `cls` with their decoders (computed once per class)."""
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -163,25 +110,6 @@ def _codecs(cls: type) -> tuple[_FieldCodec, ...]:
         nullable = type(None) in typing.get_args(tp) or tp is Any
         out.append(_FieldCodec(f.name, _decoder(tp), required, nullable))
     return tuple(out)
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    """The resolved field types of `cls`; a hint that cannot be resolved counts as Any."""
-    try:
-        return typing.get_type_hints(cls)
-    except (NameError, TypeError, AttributeError):
-        module = sys.modules.get(cls.__module__)
-        namespace = dict(vars(module)) if module else {}
-        hints: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            tp: Any = f.type
-            if isinstance(tp, str):
-                try:
-                    tp = eval(tp, namespace, dict(vars(cls)))
-                except Exception:
-                    tp = Any
-            hints[f.name] = tp
-        return hints
 
 
 def _decode_dataclass(cls: type, value: Any) -> Any:
