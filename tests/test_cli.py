@@ -103,8 +103,7 @@ def test_workers_table_from_a_typed_snapshot() -> None:
 def test_progress_line_and_defaults_share_one_definition(monkeypatch: pytest.MonkeyPatch) -> None:
     from gpupanel import cli
     from gpupanel.core.config import DEFAULT_PANEL_PORT
-    from gpupanel.core.defaults import DEFAULT_PANEL_URL, URL_ENV
-    from gpupanel.launchers.voila import DEFAULT_DASHBOARD_PORT
+    from gpupanel.core.defaults import DEFAULT_DASHBOARD_PORT, DEFAULT_PANEL_URL, URL_ENV
 
     line = cli.progress_line({"status": "pulling", "total": 4 * 1024**3, "completed": 1024**3})
     assert line.endswith("[#######-----------------------]   1.00/4.00 GiB")

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING
 
 from gpupanel._version import __version__
 from gpupanel.core.config import DEFAULT_PANEL_PORT
-from gpupanel.core.defaults import DEFAULT_PANEL_URL, URL_ENV
+from gpupanel.core.defaults import DEFAULT_DASHBOARD_PORT, DEFAULT_PANEL_URL, URL_ENV
 from gpupanel.core.model import GpuSample
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.units import gib
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import GpuPanelError, NoDriverError
-from gpupanel.launchers.voila import DEFAULT_DASHBOARD_PORT
 
 if TYPE_CHECKING:
     from gpupanel.client import Panel
@@ -58,8 +57,7 @@ def format_snapshot(snap: Snapshot) -> str:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from gpupanel.api.build import gpu_backend
-    from gpupanel.services.sampler import Sampler
+    from gpupanel.services.sampler import Sampler, gpu_backend
 
     sampler = Sampler(gpu_backend(args.simulate))
     try:

@@ -11,24 +11,12 @@ from gpupanel.adapters.config_file import find_config, load_config
 from gpupanel.adapters.state import StateStore
 from gpupanel.api.app import build_app
 from gpupanel.core.config import Config
-from gpupanel.core.gpu import GpuBackend
 from gpupanel.errors import GpuPanelError
 from gpupanel.services.runtime import LOOPBACK, ControlPlane
+from gpupanel.services.sampler import gpu_backend
 
 SIM_OLLAMA = (sys.executable, "-m", "gpupanel.sim.ollama")
 """How simulated workstations run `ollama serve`."""
-
-
-def gpu_backend(simulate: str | None) -> GpuBackend:
-    """The simulated backend when `simulate` is given (a spec, or '' for the recorded or
-    default workstation), else NVML (NoDriverError where there is no NVIDIA driver)."""
-    if simulate is not None:
-        from gpupanel.sim.backend import SimulatedGpuBackend
-
-        return SimulatedGpuBackend.from_spec(simulate or None)
-    from gpupanel.adapters.nvml import NvmlBackend
-
-    return NvmlBackend()
 
 
 def control_plane(

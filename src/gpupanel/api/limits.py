@@ -46,12 +46,9 @@ def _depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
-        if isinstance(item, dict):
-            items = item.values()
-        elif isinstance(item, list):
-            items = item
-        else:
+        if not isinstance(item, (dict, list)):
             continue
+        items = item.values() if isinstance(item, dict) else item
         deepest = max(deepest, level)
         stack.extend((child, level + 1) for child in items)
     return deepest

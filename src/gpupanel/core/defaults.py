@@ -10,6 +10,7 @@ LOOPBACK = "127.0.0.1"
 """Where the control plane and its workers listen unless told otherwise."""
 DEFAULT_PANEL_PORT = 8765
 DEFAULT_PANEL_URL = f"http://{LOOPBACK}:{DEFAULT_PANEL_PORT}"
+DEFAULT_DASHBOARD_PORT = 17320
 DEFAULT_WORKER_PORT = 11435
 """The first zero-config worker's port (the next GPUs get the next ports)."""
 

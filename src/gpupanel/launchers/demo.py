@@ -32,12 +32,16 @@ from gpupanel._version import __version__
 from gpupanel.api.build import control_plane
 from gpupanel.client import Panel, PanelError
 from gpupanel.core.config import DEFAULT_PANEL_PORT, Config, PanelSettings, WorkerSpec
-from gpupanel.core.defaults import SIM_PULLED_ENV, SIM_REPLY_TOKENS_ENV, SIM_TOKENS_PER_S_ENV
+from gpupanel.core.defaults import (
+    DEFAULT_DASHBOARD_PORT,
+    SIM_PULLED_ENV,
+    SIM_REPLY_TOKENS_ENV,
+    SIM_TOKENS_PER_S_ENV,
+)
 from gpupanel.core.units import gib
 from gpupanel.errors import GpuPanelError
 from gpupanel.launchers.demo_traffic import Caller, TrafficGenerator
 from gpupanel.launchers.voila import (
-    DEFAULT_DASHBOARD_PORT,
     INSTALL_HINT,
     VoilaServer,
     check_port_free,

@@ -28,7 +28,6 @@ from gpupanel.client import answers
 from gpupanel.core.defaults import URL_ENV
 from gpupanel.errors import GpuPanelError
 
-DEFAULT_DASHBOARD_PORT = 17320
 INSTALL_HINT = "pip install 'gpupanel[jupyter]'"
 
 CULL_IDLE_S = 120

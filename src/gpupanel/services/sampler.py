@@ -10,6 +10,18 @@ from gpupanel.core.gpu import GpuBackend
 from gpupanel.core.snapshot import Snapshot
 
 
+def gpu_backend(simulate: str | None) -> GpuBackend:
+    """The simulated backend when `simulate` is given (a spec, or '' for the recorded or
+    default workstation), else NVML (NoDriverError where there is no NVIDIA driver)."""
+    if simulate is not None:
+        from gpupanel.sim.backend import SimulatedGpuBackend
+
+        return SimulatedGpuBackend.from_spec(simulate or None)
+    from gpupanel.adapters.nvml import NvmlBackend
+
+    return NvmlBackend()
+
+
 class Sampler:
     """Reads the GPU backend and the host probe; cheap enough to run every tick."""
 
