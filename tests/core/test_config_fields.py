@@ -70,3 +70,19 @@ def test_environment_names() -> None:
     assert len(names) == len(set(names))
     assert defaults.SIM_DIR_ENV == "GPUPANEL_SIM_DIR"
     assert defaults.STATE_HOME_ENV == "XDG_STATE_HOME"
+
+
+def test_app_expiry_defaults_to_seven_days_and_takes_seconds() -> None:
+    assert parse_config({}, "f.toml", GPUS).panel.app_expiry_s == 7 * 24 * 3600
+    cfg = parse_config({"panel": {"app_expiry_s": 3600}}, "f.toml", GPUS)
+    assert cfg.panel.app_expiry_s == 3600.0 and isinstance(cfg.panel.app_expiry_s, float)
+    assert parse_config({"panel": {"app_expiry_s": 0.5e1}}, "f", GPUS).panel.app_expiry_s == 5
+
+
+@pytest.mark.parametrize("value", [0, -1, 0.5, float("inf"), float("nan"), "7d", True, 31536001])
+def test_app_expiry_must_be_a_positive_finite_number_of_seconds(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"panel": {"app_expiry_s": value}}, "f.toml", GPUS)
+    assert str(info.value) == (
+        f"f.toml: [panel]: field 'app_expiry_s' must be a number from 1 to 31536000, got {value!r}"
+    )

@@ -59,8 +59,24 @@ def test_full_worker_and_index_resolution() -> None:
     [
         (
             {"id": "Bad Id", "gpu": 0, "port": 1},
-            "worker 'Bad Id': field 'id' must match [a-z0-9_-]+",
+            "worker 'Bad Id': field 'id' must be lowercase letters, digits, '-' and '_'",
         ),
+        (
+            {"id": "-w", "gpu": 0, "port": 1},
+            "worker '-w': field 'id' must be lowercase letters, digits, '-' and '_', "
+            "not starting with '-'",
+        ),
+        ({"id": "", "gpu": 0, "port": 1}, "worker '': field 'id' must be lowercase letters"),
+        ({"id": "a/b", "gpu": 0, "port": 1}, "worker 'a/b': field 'id' must be lowercase"),
+        ({"id": "..", "gpu": 0, "port": 1}, "worker '..': field 'id' must be lowercase"),
+        ({"id": "w\n", "gpu": 0, "port": 1}, "worker 'w\\n': field 'id' must be lowercase"),
+        (
+            {"id": "a" * 65, "gpu": 0, "port": 1},
+            "field 'id' is 65 characters long; at most 64 (it names the worker's log file "
+            "and its URLs): use a shorter id",
+        ),
+        ({"gpu": 0, "port": 1}, "workers[0]: missing field 'id'"),
+        ({"id": 7, "gpu": 0, "port": 1}, "workers[0]: field 'id' must be a string, got 7"),
         (
             {"id": "w", "gpu": 5, "port": 11500},
             "worker 'w': field 'gpu' is index 5, but this host has 2 GPU(s)",
@@ -93,6 +109,21 @@ def test_config_errors_name_file_worker_and_field(worker: dict[str, object], mes
         parse_config({"workers": [worker]}, "my.toml", GPUS)
     assert str(err.value).startswith("my.toml: ")
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("wid", ["w0", "gpu-1", "ollama_a", "_a", "0", "a" * 64, "a--b_"])
+def test_sane_ids_are_accepted(wid: str) -> None:
+    (spec,) = parse_config({"workers": [{"id": wid, "gpu": 0, "port": 1000}]}, "f", GPUS).workers
+    assert spec.id == wid
+
+
+def test_a_long_id_is_shortened_in_the_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"workers": [{"id": "b" * 300, "gpu": 0, "port": 1}]}, "my.toml", GPUS)
+    assert str(err.value) == (
+        f"my.toml: worker {'b' * 32!r}... (300 characters): field 'id' is 300 characters long; "
+        "at most 64 (it names the worker's log file and its URLs): use a shorter id"
+    )
 
 
 def test_duplicate_ids_are_refused() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["CONFIG_ENV", "find_config", "load_config"]
+__all__ = ["CONFIG_ENV", "check_files", "find_config", "load_config"]
 
 
 def find_config(explicit: str | None = None) -> Path | None:
@@ -33,13 +35,90 @@ def find_config(explicit: str | None = None) -> Path | None:
 
 
 def load_config(path: Path | None, gpus: Sequence[str]) -> Config:
-    """The config in `path` validated against `gpus`, or the zero-config default."""
+    """The config in `path` validated against `gpus`, or the zero-config default.
+
+    Beyond what `parse_config` checks, the files a worker names must be there: a `command`'s
+    executable and a `model_path` (see `check_files`)."""
     if path is None:
         return default_config(gpus)
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "TOML files must be UTF-8: save it as UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, str(path), gpus)
+    config = parse_config(data, str(path), gpus)
+    check_files(config)
+    return config
+
+
+def check_files(config: Config) -> None:
+    """Each worker's `command` executable exists and is executable (a bare name: found on
+    PATH, as the launch will look it up) and its `model_path` is a readable file, so a typo
+    is one line at load rather than a failed launch. The runtimes' own executables (used when
+    `command` is not given) are not checked here: `--simulate` replaces Ollama's after load,
+    and a missing one is reported when the worker starts."""
+    for spec in config.workers:
+        where = f"{config.source}: worker {spec.id!r}"
+        if spec.command:
+            _check_command(spec.command[0], where)
+        if spec.model_path is not None:
+            _check_model_path(spec.model_path, where)
+
+
+def _shown(value: str) -> str:
+    """`value` quoted, with where a relative path points (or a note on `~`)."""
+    if value.startswith("~"):
+        return f"{value!r} ('~' is not expanded: write the full path)"
+    path = Path(value)
+    return repr(value) if path.is_absolute() else f"{value!r} ({path.absolute()})"
+
+
+def _is_dir(value: str, field: str, missing: str) -> bool:
+    """Whether `value` is a directory; a ConfigError (`missing` is the fix) when it is not
+    there or cannot be looked at."""
+    try:
+        return stat.S_ISDIR(os.stat(value).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"{field} {_shown(value)}, which does not exist; {missing}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{field} {_shown(value)}, which cannot be read: {exc.strerror}"
+        ) from None
+
+
+def _check_command(exe: str, where: str) -> None:
+    field = f"{where}: field 'command' names"
+    if os.path.sep not in exe:
+        if shutil.which(exe) is None:
+            raise ConfigError(
+                f"{field} {exe!r}, which is not on PATH; install it, or give its full path "
+                "as the first item of 'command'"
+            )
+        return
+    fix = "fix the path, or leave out 'command' to run the runtime's own executable"
+    if _is_dir(exe, field, fix):
+        raise ConfigError(f"{field} {_shown(exe)}, which is a directory; name the executable")
+    if not os.access(exe, os.X_OK):
+        raise ConfigError(
+            f"{field} {_shown(exe)}, which is not executable; `chmod +x` it or fix the path"
+        )
+
+
+def _check_model_path(model: str, where: str) -> None:
+    field = f"{where}: field 'model_path' is"
+    if _is_dir(model, field, "give the path of the model file (.gguf)"):
+        raise ConfigError(f"{field} {_shown(model)}, which is a directory; name the model file")
+    if not os.access(model, os.R_OK):
+        raise ConfigError(
+            f"{field} {_shown(model)}, which this user cannot read; check its permissions"
+        )

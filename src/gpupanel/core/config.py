@@ -18,8 +18,10 @@ from gpupanel.errors import ConfigError
 
 # DEFAULT_*_PORT live in gpupanel.core.defaults; re-exported for existing importers.
 __all__ = [
+    "APP_EXPIRY_S",
     "DEFAULT_PANEL_PORT",
     "DEFAULT_WORKER_PORT",
+    "ID_MAX",
     "RUNTIMES",
     "Config",
     "PanelSettings",
@@ -29,7 +31,13 @@ __all__ = [
 ]
 
 RUNTIMES = ("ollama", "llamacpp", "vllm")
-_ID = re.compile(r"^[a-z0-9_-]+$")
+ID_MAX = 64
+"""A worker id names its log file (`logs/<id>.log`) and a segment of its URLs
+(`/proxy/<id>/...`, `/panel/workers/<id>/...`), so it is short and of safe characters."""
+_ID = re.compile(r"[a-z0-9_][a-z0-9_-]*")
+_ID_CHARS = "lowercase letters, digits, '-' and '_', not starting with '-'"
+APP_EXPIRY_S = 7 * 24 * 3600.0
+"""An app registered with the panel (POST /panel/apps) and not seen for this long is forgotten."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,7 @@ class PanelSettings:
     restart_backoff_s: float = 1.0
     load_margin_gib: float = 0.5
     strict_loads: bool = False
+    app_expiry_s: float = APP_EXPIRY_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +151,10 @@ class _Fields:
         return value
 
     def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        """A number in [lo, hi] (so never NaN or infinite)."""
         value = self.data.get(name, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise self.fail(name, f"a number from {lo:g} to {hi:g}")
+            raise self.fail(name, f"a number from {_plain(lo)} to {_plain(hi)}")
         return float(value)
 
     def flag(self, name: str, default: bool) -> bool:
@@ -166,6 +176,34 @@ class _Fields:
         ):
             raise self.fail(name, 'a table of NAME = "value"')
         return {str(k): str(v) for k, v in value.items()}
+
+
+def _plain(x: float) -> str:
+    """`x` as people write it: 3600, 31536000, 0.05 (never 3.1536e+07)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _show_id(wid: str) -> str:
+    """The id as an error quotes it: a long one is cut, so the message stays one short line."""
+    return repr(wid) if len(wid) <= 40 else f"{wid[:32]!r}... ({len(wid)} characters)"
+
+
+def _check_id(wid: Any, where: str) -> str:
+    if wid is None:
+        raise ConfigError(f"{where}: missing field 'id' (e.g. id = \"gpu0\")")
+    if not isinstance(wid, str):
+        raise ConfigError(f"{where}: field 'id' must be a string, got {wid!r}")
+    if len(wid) > ID_MAX:
+        raise ConfigError(
+            f"{where}: field 'id' is {len(wid)} characters long; at most {ID_MAX} (it names "
+            "the worker's log file and its URLs): use a shorter id"
+        )
+    if not _ID.fullmatch(wid):
+        raise ConfigError(
+            f"{where}: field 'id' must be {_ID_CHARS} (it names the worker's log file and its "
+            f"URLs), got {wid!r}"
+        )
+    return wid
 
 
 _PANEL_FIELDS = frozenset(f.name for f in dataclasses.fields(PanelSettings))
@@ -219,6 +257,7 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         restart_backoff_s=p.number("restart_backoff_s", d.restart_backoff_s, 0.05, 600),
         load_margin_gib=p.number("load_margin_gib", d.load_margin_gib, 0, 1024),
         strict_loads=p.flag("strict_loads", d.strict_loads),
+        app_expiry_s=p.number("app_expiry_s", d.app_expiry_s, 1, 365 * 24 * 3600),
     )
     raw_workers = data.get("workers")
     if raw_workers is None:
@@ -229,11 +268,14 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
     for i, item in enumerate(raw_workers):
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: workers[{i}] must be a table")
-        wid = item.get("id")
-        where = f"{source}: worker {wid!r}" if isinstance(wid, str) else f"{source}: workers[{i}]"
+        raw_id = item.get("id")
+        where = (
+            f"{source}: worker {_show_id(raw_id)}"
+            if isinstance(raw_id, str)
+            else f"{source}: workers[{i}]"
+        )
         f = _Fields(item, where, _WORKER_FIELDS)
-        if not isinstance(wid, str) or not _ID.match(wid):
-            raise ConfigError(f"{where}: field 'id' must match [a-z0-9_-]+, got {wid!r}")
+        wid = _check_id(raw_id, where)
         if any(w.id == wid for w in workers):
             raise ConfigError(f"{where}: field 'id' is used by another worker; ids must be unique")
         runtime = f.text("runtime", "ollama")
