@@ -34,6 +34,11 @@ class ConfigError(GpuPanelError):
     """A configuration or spec is invalid; the message names the file, item and field."""
 
 
+class StateError(GpuPanelError):
+    """The state directory or its files cannot be used (not writable, not creatable); the
+    message names the path and the fix."""
+
+
 class GgufError(GpuPanelError):
     """A file is not a GGUF model we can read; the message names the file and the problem."""
 

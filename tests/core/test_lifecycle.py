@@ -12,6 +12,7 @@ from gpupanel.core.lifecycle import (
     Life,
     PortHolder,
     Step,
+    adopted,
     blocked,
     contract_status,
     crashed,
@@ -325,6 +326,22 @@ def test_blocked_no_longer_wanted_is_stopped() -> None:
     assert step.life.lifecycle == "stopped"
     assert (step.life.attempts, step.life.blocked_by, step.life.retry_at) == (0, None, None)
     assert step.life.wanted is False
+
+
+def test_adopted_is_running_and_wanted_whatever_it_was_doing() -> None:
+    """A live process of the worker was found (a record, or gpupanel's marker on its port):
+    running and wanted, with no pending wait, and the crash history kept."""
+    waiting = blocked(want(Life(), True), HOLDER, PORT, now=10.0, policy=POLICY)
+    for before in (Life(), waiting, Life(lifecycle="backoff", crash_times=(3.0,), retry_at=9.0)):
+        life = adopted(before)
+        assert (life.lifecycle, life.wanted, life.retry_at, life.attempts) == (
+            "running",
+            True,
+            None,
+            0,
+        )
+        assert (life.reason, life.blocked_by, life.crash_times) == (None, None, before.crash_times)
+        assert reconcile(life, alive=True, now=11.0, policy=POLICY) == Step(life, "none")
 
 
 def test_stopping_and_gone_is_stopped() -> None:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from gpupanel.core.model import GpuProcess, GpuSample, Memory, Utilization
 from gpupanel.core.snapshot import Snapshot
-from gpupanel.core.warnings import Thresholds, evaluate
+from gpupanel.core.warnings import Thresholds, evaluate, state_rejected, state_unwritable
 from gpupanel.core.worker import Health, LoadedModel, WorkerState
 
 GIB = 1024**3
@@ -100,3 +100,32 @@ def test_since_is_kept_while_the_condition_lasts_and_the_warning_clears_after() 
     assert evaluate(snap(), later, now=170.0) == ()
     again = evaluate(bad, (), now=200.0)
     assert again[0].since == 200.0
+
+
+def test_a_nodes_own_warnings_are_kept_with_their_since_and_clear_when_not_reported() -> None:
+    """The node reports the conditions of its own machinery (its state file) in the snapshot
+    it samples; `evaluate` keeps them next to what its rules find."""
+    unwritable = state_unwritable(
+        "/s/workers.json", "cannot write /s/workers.json: Read-only", 50.0
+    )
+    rejected = state_rejected("/s/workers.json.rejected-1", "1 record(s) ... set aside", 60.0)
+    assert (unwritable.code, unwritable.severity, unwritable.subject) == (
+        "state_unwritable",
+        "warning",
+        "/s/workers.json",
+    )
+    assert "cannot write /s/workers.json: Read-only" in unwritable.message
+    assert "in memory" in unwritable.message and "writable" in unwritable.message
+    assert (rejected.code, rejected.subject) == ("state_rejected", "/s/workers.json.rejected-1")
+    assert "delete it" in rejected.message and "marker" in rejected.message
+    bad = replace(snap(gpus=(gpu(used=23 * GIB),)), warnings=(unwritable, rejected))
+    first = evaluate(bad, (), now=100.0)
+    assert [(w.code, w.since) for w in first] == [
+        ("state_unwritable", 50.0),
+        ("state_rejected", 60.0),
+        ("near_full_gpu", 100.0),
+    ]
+    # reported again later with a newer `since`: the first one is kept
+    again = replace(bad, warnings=(replace(unwritable, since=150.0), rejected))
+    assert [w.since for w in evaluate(again, first, now=160.0)] == [50.0, 60.0, 100.0]
+    assert evaluate(snap(), first, now=170.0) == ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -290,3 +291,49 @@ def test_a_port_taken_at_restart_blocks_the_worker_until_it_frees(
         if squatter is not None:
             squatter.kill()
         panel.shutdown()
+
+
+GROUP = """
+import subprocess, sys, time
+sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+child = subprocess.Popen(sleep)  # like a runtime's runner: a child holding GPU memory
+spawner = (
+    "import subprocess, sys; "
+    f"p = subprocess.Popen({sleep!r}); print(p.pid, flush=True)"
+)
+mid = subprocess.Popen([sys.executable, "-c", spawner], stdout=subprocess.PIPE)
+orphan = int(mid.stdout.readline())  # same process group, but no longer a descendant
+mid.wait()
+print(child.pid, orphan, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_forced_stop_of_a_group_leader_stops_its_tree_and_names_every_pid(
+    tmp_path: Path, panel_env: dict[str, str], workstation: list[str]
+) -> None:
+    """An unmanaged process that leads its process group (a runtime's server started in its
+    own session, with a runner child): a forced stop by pid stops it and its descendants,
+    names each of them, and touches nothing else of its group."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", GROUP], start_new_session=True, stdout=subprocess.PIPE
+    )
+    assert leader.stdout is not None
+    child, orphan = map(int, leader.stdout.readline().split())
+    assert os.getpgid(child) == os.getpgid(orphan) == leader.pid
+    panel = serve(tmp_path, panel_env, "workers = []\n")
+    try:
+        r = panel.post(f"/panel/processes/{leader.pid}/stop", json={"force": True})
+        assert r.status_code == 200, r.text
+        result = r.json()["result"]
+        assert result.startswith(f"pid {leader.pid} (python")
+        assert f"with it its child processes {child} (terminated)" in result
+        assert str(orphan) not in result
+        assert leader.wait(timeout=10) is not None
+        wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie")
+        assert psutil.Process(orphan).status() != "zombie"  # not named, not stopped
+    finally:
+        for pid in (leader.pid, child, orphan):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        panel.stop()

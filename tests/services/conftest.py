@@ -13,7 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpupanel.adapters.process import LaunchError, ProcessHandle
+from gpupanel.adapters.process import (
+    PIN_ENV,
+    WORKER_ENV,
+    WORKER_STATE_ENV,
+    LaunchError,
+    Marked,
+    ProcessHandle,
+)
 from gpupanel.adapters.runtimes.base import Launch, Models, Probe
 from gpupanel.adapters.state import StateStore
 from gpupanel.core.config import Config, PanelSettings, WorkerSpec
@@ -48,6 +55,7 @@ class FakeProc:
     alive: bool = True
     children: list[int] = field(default_factory=list)
     ports: set[int] = field(default_factory=set)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class FakeProcesses:
@@ -56,7 +64,8 @@ class FakeProcesses:
     A worker is recognized by its log file's stem (the supervisor's `logs/<id>.log`):
     `fail_spawn[id]` makes spawn raise LaunchError, `exit_on_start` makes the spawned
     process dead at once, `logs[id]` are the lines `tail` returns, `holders[port]` is the
-    PortHolder of a taken port."""
+    PortHolder of a taken port (a spawned worker's port is held by it while it lives; a
+    process's `env`, inherited by its children, carries gpupanel's marker)."""
 
     def __init__(self) -> None:
         self.table: dict[int, FakeProc] = {}
@@ -72,14 +81,25 @@ class FakeProcesses:
 
     # ---- the test's side --------------------------------------------------------------
 
-    def add(self, name: str, ports: Sequence[int] = (), children: int = 0) -> FakeProc:
+    def add(
+        self,
+        name: str,
+        ports: Sequence[int] = (),
+        children: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> FakeProc:
         """A process not started by the supervisor (a stranger, or a recorded worker)."""
         pid = next(self._pids)
-        proc = self.table[pid] = FakeProc(pid, float(pid) / 10, name, ports=set(ports))
+        proc = self.table[pid] = FakeProc(
+            pid, float(pid) / 10, name, ports=set(ports), env=dict(env or {})
+        )
         for _ in range(children):
-            child = self.add(f"{name}-runner")
+            child = self.add(f"{name}-runner", env=env)
             proc.children.append(child.pid)
         return proc
+
+    def parent(self, pid: int) -> FakeProc | None:
+        return next((p for p in self.table.values() if pid in p.children), None)
 
     def kill(self, pid: int) -> None:
         """kill -9."""
@@ -94,7 +114,7 @@ class FakeProcesses:
         wid = log_path.stem
         if wid in self.fail_spawn:
             raise LaunchError(self.fail_spawn[wid])
-        proc = self.add(wid, ports=[int(env["PORT"])] if "PORT" in env else [], children=1)
+        proc = self.add(wid, ports=[int(env["PORT"])] if "PORT" in env else [], children=1, env=env)
         proc.alive = wid not in self.exit_on_start
         self.spawned.append((wid, tuple(argv), dict(env), proc.pid))
         return ProcessHandle(proc.pid, proc.create_time)
@@ -125,7 +145,40 @@ class FakeProcesses:
         return False
 
     def port_holder(self, port: int) -> PortHolder | None:
-        return self.holders.get(port)
+        if port in self.holders:
+            return self.holders[port]
+        for proc in self.table.values():
+            if proc.alive and port in proc.ports:
+                return PortHolder(proc.pid, proc.name)
+        return None
+
+    def marked(self, pid: int) -> Marked | None:
+        proc = self.table.get(pid)
+        if proc is None or not proc.alive:
+            return None
+        mark = (proc.env.get(WORKER_ENV), proc.env.get(WORKER_STATE_ENV))
+        if not all(mark):
+            return None
+        root = proc
+        while (up := self.parent(root.pid)) is not None and (
+            up.env.get(WORKER_ENV),
+            up.env.get(WORKER_STATE_ENV),
+        ) == mark:
+            root = up
+        wid, state_dir = mark
+        assert wid is not None and state_dir is not None
+        handle = ProcessHandle(root.pid, root.create_time)
+        return Marked(handle, wid, state_dir, root.env.get(PIN_ENV))
+
+    async def stop_tree(self, handle: ProcessHandle, grace_s: float) -> list[tuple[int, str]]:
+        self.stopped.append((handle.pid, grace_s))
+        await asyncio.sleep(0)
+        if not self.is_alive(handle):
+            return [(handle.pid, "gone")]
+        ended = [(pid, "terminated") for pid in self.tree(handle.pid)]
+        for pid, _ in ended:
+            self.table[pid].alive = False
+        return ended
 
     def describe(self, pid: int) -> tuple[ProcessHandle, str]:
         proc = self.table.get(pid)
@@ -147,7 +200,8 @@ class FakeRuntime:
     """A runtime whose probes and models are scripted per worker id.
 
     `probes[id]` is a queue of results (the last one repeats); `slow` makes probe and/or
-    models hang (the supervisor's timeout decides); `models_error[id]` makes models raise."""
+    models hang (the supervisor's timeout decides); `models_error[id]` makes models raise,
+    `probe_error[id]` the probe and `launch_error[id]` the launch (bugs, not answers)."""
 
     name = "ollama"
 
@@ -155,6 +209,8 @@ class FakeRuntime:
         self.probes: dict[str, deque[Probe]] = {}
         self.models_of: dict[str, Models] = {}
         self.models_error: dict[str, Exception] = {}
+        self.probe_error: dict[str, Exception] = {}
+        self.launch_error: dict[str, Exception] = {}
         self.slow_probe: set[str] = set()
         self.slow_models: set[str] = set()
         self.probed: list[str] = []
@@ -163,6 +219,8 @@ class FakeRuntime:
         self.probes[wid] = deque(probes)
 
     def launch(self, spec: WorkerSpec) -> Launch:
+        if spec.id in self.launch_error:
+            raise self.launch_error[spec.id]
         return Launch(
             argv=("fake-serve", spec.id, str(spec.port)),
             env={"CUDA_VISIBLE_DEVICES": spec.gpu, "PORT": str(spec.port)},
@@ -173,6 +231,8 @@ class FakeRuntime:
 
     async def probe(self, client: httpx.AsyncClient, spec: WorkerSpec) -> Probe:
         self.probed.append(spec.id)
+        if spec.id in self.probe_error:
+            raise self.probe_error[spec.id]
         if spec.id in self.slow_probe:
             await asyncio.sleep(3600)
         queue = self.probes.get(spec.id)

@@ -123,6 +123,20 @@ def ready(life: Life) -> Life:
     return replace(life, lifecycle="running", reason=None, retry_at=None, blocked_by=None)
 
 
+def adopted(life: Life) -> Life:
+    """A live process of this worker was found (recorded by an earlier control plane, or
+    carrying gpupanel's marker on the worker's port): it is wanted and running."""
+    return replace(
+        life,
+        lifecycle="running",
+        wanted=True,
+        retry_at=None,
+        attempts=0,
+        reason=None,
+        blocked_by=None,
+    )
+
+
 def stopped(life: Life) -> Life:
     """The process is gone because it was asked to go (or never ran)."""
     return replace(life, lifecycle="stopped", retry_at=None, attempts=0, blocked_by=None)

@@ -1,14 +1,19 @@
 """Warning rules: pure functions over a snapshot (docs/api.md, "Warning codes").
 
 Each warning has a stable code, a severity, the subject it is about (a worker id, a GPU
-UUID, a pid), a message that says what is wrong and what to do, and `since`: when the
-condition was first seen. A warning disappears as soon as its condition ends.
+UUID, a pid, a file), a message that says what is wrong and what to do, and `since`: when
+the condition was first seen. A warning disappears as soon as its condition ends.
+
+Most warnings are found by the rules below in the workers and GPUs of a snapshot. A node
+reports the conditions of its own machinery (its state file: `state_unwritable`,
+`state_rejected`) as warnings in the snapshot it samples, built by the functions here;
+`evaluate` keeps them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gpupanel.core.model import GpuSample
 from gpupanel.core.names import find_model
@@ -18,7 +23,7 @@ from gpupanel.core.warning import Severity, Warning
 from gpupanel.core.worker import WorkerState
 
 # Warning and Severity live in gpupanel.core.warning; re-exported for existing importers.
-__all__ = ["Severity", "Thresholds", "Warning", "evaluate"]
+__all__ = ["Severity", "Thresholds", "Warning", "evaluate", "state_rejected", "state_unwritable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,14 +175,51 @@ def _gpu_rules(g: GpuSample, t: Thresholds) -> Iterator[Finding]:
             )
 
 
+def state_unwritable(path: str, error: str, since: float) -> Warning:
+    """The node cannot write its state file; it supervises its workers in memory meanwhile."""
+    return Warning(
+        "state_unwritable",
+        "warning",
+        path,
+        (
+            f"gpupanel cannot write its state file ({error}); the workers are supervised in "
+            "memory, but a control plane started after this one would find no record of "
+            "them. Make the state directory writable again (permissions, free space): the "
+            "file is written as soon as it can be"
+        ),
+        since,
+    )
+
+
+def state_rejected(aside: str, problem: str, since: float) -> Warning:
+    """Records of the state file (or the whole file) could not be trusted and were set aside
+    in `aside`; `problem` says which and why."""
+    return Warning(
+        "state_rejected",
+        "warning",
+        aside,
+        (
+            f"{problem}. A worker still running whose record was set aside is recognised on "
+            "its configured port by gpupanel's marker in its environment. Read "
+            f"{aside}, then delete it to clear this warning"
+        ),
+        since,
+    )
+
+
 def evaluate(
     snap: Snapshot, previous: tuple[Warning, ...], now: float, thresholds: Thresholds = Thresholds()
 ) -> tuple[Warning, ...]:
-    """The warnings of `snap`; each keeps the `since` of the same (code, subject) in `previous`."""
+    """The warnings of `snap`: those its nodes reported (`snap.warnings`) and those the rules
+    find; each keeps the `since` of the same (code, subject) in `previous`."""
     seen = {(w.code, w.subject): w.since for w in previous}
+    out: dict[tuple[str, str], Warning] = {}
+    for w in snap.warnings:
+        out.setdefault(
+            (w.code, w.subject), replace(w, since=seen.get((w.code, w.subject), w.since))
+        )
     findings = [f for w in snap.workers for f in _worker_rules(w, snap)]
     findings += [f for g in snap.gpus for f in _gpu_rules(g, thresholds)]
-    out: dict[tuple[str, str], Warning] = {}
     for code, severity, subject, message in findings:
         out.setdefault(
             (code, subject),

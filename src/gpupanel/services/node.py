@@ -51,7 +51,8 @@ class Node(Protocol):
     def spec(self, worker_id: str) -> WorkerSpec: ...
 
     async def sample(self) -> Snapshot:
-        """The host's GPUs and its workers' states now (no traffic, no warnings)."""
+        """The host's GPUs and its workers' states now; no traffic, and as warnings only the
+        node's own conditions (e.g. `state_unwritable`), which the plane's rules keep."""
         ...
 
     async def start(self, worker_id: str) -> None: ...
@@ -107,7 +108,8 @@ class LocalNode:
     # ---- life -------------------------------------------------------------------------------
 
     async def open(self) -> list[str]:
-        """Start serving on the running loop: adopt recorded workers. Returns their ids."""
+        """Start serving on the running loop: adopt recorded workers. Returns their ids.
+        StateError (one line) if the state directory cannot be written."""
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False)
         self._supervisor = Supervisor(self.config, self.store, self._client)
         return self._supervisor.adopt()
@@ -144,6 +146,8 @@ class LocalNode:
         return self.supervisor.get(worker_id).spec
 
     async def sample(self) -> Snapshot:
+        """The host's snapshot; its `warnings` are the node's own conditions (the state
+        file's), to which the plane adds those its rules find."""
         managed = list(self.supervisor.workers.values())
         pids = [w.handle.pid for w in managed if w.handle]
         ports = [w.spec.port for w in managed]
@@ -153,7 +157,12 @@ class LocalNode:
             stats = raw.host.processes.get(w.handle.pid) if (raw.host and w.handle) else None
             trees[w.spec.id] = stats.tree_pids if stats else ()
         workers = tuple(self._state(w, trees[w.spec.id], raw) for w in managed)
-        return replace(raw, gpus=attribute_processes(raw.gpus, trees), workers=workers)
+        return replace(
+            raw,
+            gpus=attribute_processes(raw.gpus, trees),
+            workers=workers,
+            warnings=self.supervisor.warnings(),
+        )
 
     def _state(self, w: Managed, tree: tuple[int, ...], raw: Snapshot) -> WorkerState:
         spec = w.spec

@@ -6,7 +6,11 @@ pinned to their GPU and waits until they are ready, restarts crashed ones with b
 (and gives up on a crash loop), waits out a port held by another process (`blocked`),
 stops workers as a process group, and on start adopts the live workers a previous control
 plane recorded (pid + start time + port all match), so a restart of the control plane
-restarts no worker and starts no duplicate. See docs/architecture.md, "The supervisor".
+restarts no worker and starts no duplicate. A worker whose record was lost is still
+recognised by gpupanel's marker in the environment of the process on its port. The state
+file can never take the control plane down: bad records are set aside, and while the file
+cannot be written supervision goes on in memory (a `state_unwritable` warning). See
+docs/architecture.md, "The supervisor".
 
 All methods run on the runtime loop; per-worker locks keep a start, a stop and the tick's
 automatic actions from interleaving on one worker.
@@ -21,26 +25,35 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
-from gpupanel.adapters.process import LaunchError, OsProcesses, ProcessHandle
+from gpupanel.adapters.process import (
+    WORKER_STATE_ENV,
+    LaunchError,
+    Marked,
+    OsProcesses,
+    ProcessHandle,
+    marker_env,
+)
 from gpupanel.adapters.runtimes.base import Models, Probe, Runtime
 from gpupanel.adapters.runtimes.registry import runtime_for
-from gpupanel.adapters.state import StateStore, WorkerRecord
+from gpupanel.adapters.state import Rejected, StateStore, WorkerRecord
 from gpupanel.core import lifecycle
 from gpupanel.core.config import Config, WorkerSpec
 from gpupanel.core.lifecycle import Life, PortHolder, Status
-from gpupanel.core.model import from_jsonable
 from gpupanel.core.restart import RestartPolicy
+from gpupanel.core.warning import Warning
+from gpupanel.core.warnings import state_rejected, state_unwritable
 from gpupanel.core.worker import Health, percentile
 from gpupanel.errors import (
     Conflict,
     GpuPanelError,
     NotFound,
+    StateError,
     WorkerFailed,
     WorkerTimeout,
 )
@@ -76,6 +89,10 @@ class Processes(Protocol):
     def listens(self, pid: int, port: int) -> bool: ...
 
     def tree(self, pid: int) -> list[int]: ...
+
+    def marked(self, pid: int) -> Marked | None: ...
+
+    async def stop_tree(self, handle: ProcessHandle, grace_s: float) -> list[tuple[int, str]]: ...
 
 
 @dataclass
@@ -125,9 +142,14 @@ def _record_spec(spec: WorkerSpec) -> dict[str, object]:
     return data
 
 
-def _spec_from_record(data: dict[str, object]) -> WorkerSpec:
-    spec: WorkerSpec = from_jsonable(WorkerSpec, data)
-    return spec
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A condition of the supervisor's own machinery, shown as a warning while it lasts:
+    what is wrong (`message`), since when, and the file it is about."""
+
+    path: Path
+    message: str
+    since: float
 
 
 class Supervisor:
@@ -158,12 +180,26 @@ class Supervisor:
         self._runtimes = runtimes
         self._tasks: set[asyncio.Task[None]] = set()
         self.notes: list[str] = []
+        self.marker_dir = marker_env("", store.directory)[WORKER_STATE_ENV]
+        """The state directory as this control plane's marker names it."""
+        self.unwritable: Condition | None = None
+        """Set while the state file cannot be written (supervision goes on in memory)."""
+        self.set_aside: Condition | None = None
+        """The side file holding what the last load could not trust, once written."""
+        self._rejected: list[Rejected] = []  # to be set aside before the file is rewritten
+        self._loading = False  # no save while the state file is being loaded
 
     def background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run `coro` on the loop without waiting, keeping a reference until it ends."""
+        """Run `coro` on the loop without waiting, keeping a reference until it ends; an
+        exception it lets through is logged, never left unretrieved."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=exc)
 
     async def settle(self) -> None:
         """Wait for the background work started so far (tests, shutdown)."""
@@ -193,8 +229,13 @@ class Supervisor:
 
     # ---- state file and adoption ----------------------------------------------------------
 
-    def save(self) -> None:
-        """Record every worker that has a live process."""
+    def save(self) -> bool:
+        """Record every worker that has a live process. Never raises: when the state file
+        cannot be written, `unwritable` says why (a `state_unwritable` warning), supervision
+        goes on in memory and each tick tries again. Records rejected by the last load are
+        set aside first, so the file is never rewritten before they are kept."""
+        if self._loading:
+            return False
         records = {
             w.spec.id: WorkerRecord(
                 id=w.spec.id,
@@ -211,16 +252,65 @@ class Supervisor:
             for w in self.workers.values()
             if w.handle is not None
         }
-        self.store.save(records)
+        try:
+            if self._rejected:
+                self._set_aside()
+            self.store.save(records)
+        except StateError as exc:
+            if self.unwritable is None:
+                log.warning("%s; supervising the workers in memory until it can be written", exc)
+                self.unwritable = Condition(self.store.path, str(exc), self.clock())
+            else:
+                self.unwritable = replace(self.unwritable, message=str(exc))
+            return False
+        if self.unwritable is not None:
+            log.info("state file %s written again", self.store.path)
+            self.unwritable = None
+        return True
+
+    def _set_aside(self) -> None:
+        aside = self.store.set_aside(self._rejected)
+        reasons = "; ".join(r.reason for r in self._rejected)
+        problem = (
+            f"{len(self._rejected)} record(s) of {self.store.path} could not be trusted and "
+            f"were set aside in {aside} (the valid ones were adopted): {reasons}"
+        )
+        log.warning("%s", problem)
+        self.notes.append(problem)
+        self.set_aside = Condition(aside, problem, self.clock())
+        self._rejected = []
+
+    def warnings(self) -> tuple[Warning, ...]:
+        """The supervisor's own conditions, as warnings for the snapshot."""
+        out = []
+        if self.unwritable is not None:
+            u = self.unwritable
+            out.append(state_unwritable(str(u.path), u.message, u.since))
+        if self.set_aside is not None and self.set_aside.path.exists():
+            a = self.set_aside
+            out.append(state_rejected(str(a.path), a.message, a.since))
+        return tuple(out)
 
     def adopt(self) -> list[str]:
-        """Adopt the live workers recorded by a previous control plane. Returns their ids."""
-        records, problem = self.store.load()
-        if problem:
-            self.notes.append(problem)
-            log.warning(problem)
+        """Adopt the live workers recorded by a previous control plane, and configured ones
+        whose record was lost but whose port is held by a process carrying this control
+        plane's marker for them. Returns their ids.
+
+        StateError (one clear line) if the state directory cannot be written now. Each
+        record is checked on its own; the ones that cannot be trusted (bad fields, a pid
+        already adopted, a process launched as another worker or by another gpupanel) are
+        set aside with their reasons before the file is rewritten."""
+        self._loading = True  # if this fails half-way, nothing rewrites the file
+        self.store.check()
+        loaded = self.store.load()
+        if loaded.problem and loaded.aside:
+            self.notes.append(loaded.problem)
+            log.warning("%s", loaded.problem)
+            self.set_aside = Condition(loaded.aside, loaded.problem, self.clock())
+        rejected = list(loaded.rejected)
+        owners: dict[int, str] = {}
         adopted = []
-        for rec in records.values():
+        for rec in loaded.records.values():
             handle = ProcessHandle(rec.pid, rec.create_time)
             if not self.procs.is_alive(handle):
                 continue
@@ -229,9 +319,14 @@ class Supervisor:
                 self.notes.append(note)
                 log.warning(note)
                 continue
+            why = self._not_its_process(rec, owners)
+            if why is not None:
+                rejected.append(Rejected(asdict(rec), f"worker {rec.id!r}: {why}"))
+                continue
+            owners[rec.pid] = rec.id
             w = self.workers.get(rec.id)
             if w is None:  # launched under an older config: keep it visible and stoppable
-                spec = _spec_from_record(rec.spec)
+                spec = rec.worker_spec()
                 w = self.workers[rec.id] = Managed(spec=spec, runtime=self._runtimes(spec.runtime))
                 w.note = "not in the current configuration; stop it or add it back"
             elif (w.spec.port, w.spec.gpu) != (rec.port, rec.gpu_uuid):
@@ -239,13 +334,69 @@ class Supervisor:
                     f"running as launched before (GPU {rec.gpu_uuid}, port {rec.port}); "
                     "restart it to apply the current configuration"
                 )
-                w.spec = _spec_from_record(rec.spec)
+                w.spec = rec.worker_spec()
             w.handle, w.adopted = handle, True
-            w.life = lifecycle.ready(Life(wanted=True))
+            w.life = lifecycle.adopted(w.life)
             w.started_at, w.restarts = rec.started_at, rec.restarts
             adopted.append(rec.id)
+        # Configured workers with no record: is their port held by one of ours?
+        for w in self.workers.values():
+            if w.handle is None and self._recognise(w):
+                adopted.append(w.spec.id)
+        self._rejected = rejected
+        self._loading = False
         self.save()
         return adopted
+
+    def _not_its_process(self, rec: WorkerRecord, owners: Mapping[int, str]) -> str | None:
+        """Why the live process `rec` names is not that worker, if it is not."""
+        m = self.procs.marked(rec.pid)
+        if m is not None and m.state_dir != self.marker_dir:
+            return f"pid {rec.pid} is a worker of another gpupanel (state directory {m.state_dir})"
+        if m is not None and m.worker != rec.id:
+            return f"pid {rec.pid} was launched as worker {m.worker!r}"
+        if rec.pid in owners:
+            return (
+                f"pid {rec.pid} is already adopted as worker {owners[rec.pid]!r} "
+                "(one process is never two workers)"
+            )
+        return None
+
+    def _recognise(self, w: Managed, holder: PortHolder | None = None) -> bool:
+        """Adopt the process holding `w`'s port (looked up unless given) if it carries this
+        control plane's marker for `w`: its record was lost, it is still ours. A process
+        pinned to another GPU than configured runs "as launched before", like an adopted
+        record. Never a process that another worker already has."""
+        holder = holder or self.procs.port_holder(w.spec.port)
+        if holder is None or holder.pid is None:
+            return False
+        m = self.procs.marked(holder.pid)
+        if m is None or (m.worker, m.state_dir) != (w.spec.id, self.marker_dir) or not m.gpu:
+            return False
+        if any(
+            o.handle is not None and o.handle.pid == m.handle.pid for o in self.workers.values()
+        ):
+            return False
+        spec = w.spec
+        w.handle, w.adopted, w.note = m.handle, True, None
+        w.life = lifecycle.adopted(w.life)
+        w.started_at = m.handle.create_time
+        w.health, w.failed_probes, w.models = Health(), 0, Models()
+        if m.gpu != spec.gpu:
+            w.spec = replace(spec, gpu=m.gpu)
+            w.note = (
+                f"running as launched before (GPU {m.gpu}, port {spec.port}); "
+                "restart it to apply the current configuration"
+            )
+        log.warning(
+            "worker %s: pid %d on port %d carries this control plane's marker for it: "
+            "adopted (its record was lost)",
+            spec.id,
+            m.handle.pid,
+            spec.port,
+        )
+        self.save()
+        return True
 
     # ---- operations -------------------------------------------------------------------------
 
@@ -305,9 +456,26 @@ class Supervisor:
         if not force:
             what = "a GPU process that no gpupanel worker owns" if on_gpu else "not a GPU worker"
             raise Conflict(f"pid {pid} ({name}) is {what}; pass force=true to stop it anyway")
-        result = await self.procs.stop(handle, self.config.panel.stop_grace_s)
-        log.warning("stopped pid %d (%s) by request with force: %s", pid, name, result)
-        return f"pid {pid} ({name}) {result}"
+        tree = set(self.procs.tree(pid))
+        if os.getpid() in tree:
+            raise Conflict(f"refusing to stop pid {pid} ({name}): this control plane runs under it")
+        for w in self.workers.values():
+            if w.handle is not None and w.handle.pid in tree:
+                raise Conflict(
+                    f"refusing to stop pid {pid} ({name}): worker {w.spec.id} runs under it; "
+                    f"stop the worker (POST /panel/workers/{w.spec.id}/stop) first"
+                )
+        # The process and its descendants (a runtime's server and the runners holding its
+        # GPU memory), never the rest of its process group; the reply names every pid.
+        ended = await self.procs.stop_tree(handle, self.config.panel.stop_grace_s)
+        (_, result), children = ended[0], ended[1:]
+        reply = f"pid {pid} ({name}) {result}"
+        if children:
+            reply += "; with it its child processes " + ", ".join(
+                f"{child} ({how})" for child, how in children
+            )
+        log.warning("stopped by request with force: %s", reply)
+        return reply
 
     # ---- the tick -------------------------------------------------------------------------
 
@@ -316,6 +484,8 @@ class Supervisor:
         health, rotate logs. Never blocks on a worker: actions run in the background."""
         self.procs.reap()
         now = self.clock()
+        if self.unwritable is not None:  # try again: the directory may be writable again
+            self.save()
         for w in self.workers.values():
             if w.lock.locked():
                 continue
@@ -353,17 +523,29 @@ class Supervisor:
                 await self._launch(w)
             except GpuPanelError as exc:  # recorded in the lifecycle; the next tick goes on
                 log.info("worker %s: %s", w.spec.id, exc)
+            except Exception as exc:  # a bug or an OS surprise: a failed launch, retried
+                log.exception("worker %s: the launch failed", w.spec.id)
+                if w.handle is not None and self.procs.is_alive(w.handle):
+                    await self.procs.stop(w.handle, self.config.panel.stop_grace_s)
+                self._failed(w, f"the launch failed: {exc!r}")
 
     async def _auto_terminate(self, w: Managed) -> None:
         async with w.lock:
             if not w.life.wanted:
-                await self._terminate(w)
+                try:
+                    await self._terminate(w)
+                except Exception as exc:  # the next tick tries again
+                    log.exception("worker %s: the stop failed", w.spec.id)
+                    w.note = f"could not stop it: {exc!r}"
 
     async def _probe(self, w: Managed) -> None:
         try:
             probe = await asyncio.wait_for(w.runtime.probe(self.client, w.spec), PROBE_TIMEOUT_S)
         except asyncio.TimeoutError:
             probe = Probe(ok=False, error=f"no answer within {PROBE_TIMEOUT_S:g} s")
+        except Exception as exc:  # a runtime should answer Probe(ok=False); count it as one
+            log.exception("worker %s: the probe failed", w.spec.id)
+            probe = Probe(ok=False, error=f"the probe failed: {exc!r}")
         try:
             models = (
                 await asyncio.wait_for(w.runtime.models(self.client, w.spec), PROBE_TIMEOUT_S)
@@ -371,6 +553,9 @@ class Supervisor:
                 else w.models
             )
         except (asyncio.TimeoutError, GpuPanelError):
+            models = w.models
+        except Exception:
+            log.exception("worker %s: reading its models failed", w.spec.id)
             models = w.models
         finally:
             w.probing = False
@@ -410,12 +595,15 @@ class Supervisor:
         spec = w.spec = self.config.worker(w.spec.id) or w.spec
         holder = self.procs.port_holder(spec.port)
         if holder is not None:
+            if self._recognise(w, holder):  # our own worker, whose record was lost
+                return
             w.life = lifecycle.blocked(w.life, holder, spec.port, self.clock(), self.policy)
             log.warning("worker %s: %s", spec.id, w.life.reason)
             raise Conflict(f"worker {spec.id}: {w.life.reason}")
         launch = w.runtime.launch(spec)
+        env = {**launch.env, **marker_env(spec.id, self.store.directory)}
         try:
-            w.handle = self.procs.spawn(launch.argv, launch.env, self.log_path(spec.id))
+            w.handle = self.procs.spawn(launch.argv, env, self.log_path(spec.id))
         except LaunchError as exc:
             self._failed(w, str(exc))
             raise WorkerFailed(f"worker {spec.id}: {exc}") from None
