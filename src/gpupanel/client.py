@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -28,6 +29,7 @@ from gpupanel.core.snapshot import Snapshot
 from gpupanel.errors import GpuPanelError
 
 if TYPE_CHECKING:
+    from gpupanel.api.schemas import JsonBody
     from gpupanel.services.runtime import ControlPlane
     from gpupanel.ui.widgets import PanelWidget
 
@@ -41,6 +43,19 @@ class PanelError(GpuPanelError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _body(schema: type[JsonBody], /, **fields: Any) -> dict[str, Any]:
+    """A request body built by the API's own model (`gpupanel.api.schemas`), so it is
+    checked here as the control plane checks it: PanelError 400 naming the field, before
+    anything is sent."""
+    from gpupanel.api.schemas import parse_body
+
+    try:
+        body = parse_body(schema, fields)
+    except GpuPanelError as exc:
+        raise PanelError(str(exc), 400) from None
+    return body.model_dump(mode="json", exclude_none=True)
 
 
 class Panel:
@@ -183,16 +198,25 @@ class Panel:
         exclusive: bool = False,
         force: bool = False,
     ) -> dict[str, Any]:
-        """Load a model behind the VRAM guard (PanelError 409 with the numbers if it won't fit)."""
-        body: dict[str, Any] = {"model": model, "exclusive": exclusive, "force": force}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        if num_ctx is not None:
-            body["num_ctx"] = num_ctx
+        """Load a model behind the VRAM guard (PanelError 409 with the numbers if it won't fit).
+        `keep_alive`: seconds, or a duration such as "30m"; negative keeps it forever."""
+        from gpupanel.api.schemas import LoadBody
+
+        body = _body(
+            LoadBody,
+            model=model,
+            keep_alive=keep_alive,
+            num_ctx=num_ctx,
+            exclusive=exclusive,
+            force=force,
+        )
         return dict(self._call("POST", f"/panel/workers/{worker_id}/load", json=body))
 
     def unload(self, worker_id: str, model: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/panel/workers/{worker_id}/unload", json={"model": model}))
+        from gpupanel.api.schemas import UnloadBody
+
+        body = _body(UnloadBody, model=model)
+        return dict(self._call("POST", f"/panel/workers/{worker_id}/unload", json=body))
 
     def pull(
         self, worker_id: str, model: str, progress: Callable[[dict[str, Any]], None] | None = None
@@ -207,10 +231,11 @@ class Panel:
 
     def pull_lines(self, worker_id: str, model: str) -> Iterator[dict[str, Any]]:
         """The progress lines of a pull as they stream."""
+        from gpupanel.api.schemas import PullBody
+
+        body = _body(PullBody, model=model)
         try:
-            with self.http.stream(
-                "POST", f"/panel/workers/{worker_id}/pull", json={"model": model}
-            ) as r:
+            with self.http.stream("POST", f"/panel/workers/{worker_id}/pull", json=body) as r:
                 if r.status_code >= 400:
                     r.read()
                     error = r.json().get("error", {})
@@ -231,8 +256,16 @@ class Panel:
         self, name: str, owner: str | None = None, workers: list[str] | None = None
     ) -> dict[str, Any]:
         """Register an app (what `X-GPUPanel-App: name` identifies) and the workers it owns."""
-        body = {"name": name, "owner": owner, "workers": workers or []}
+        from gpupanel.api.schemas import AppRegistration
+
+        body = _body(AppRegistration, name=name, owner=owner, workers=workers or [])
         return dict(self._call("POST", "/panel/apps", json=body)["app"])
+
+    def delete_app(self, name: str) -> dict[str, Any]:
+        """Forget an app: its registration, its workers and its totals. Returns the app as
+        it was (PanelError 404 if there is none)."""
+        path = "/panel/apps/" + quote(name, safe="")
+        return dict(self._call("DELETE", path)["app"])
 
     # ---- display and lifetime ----------------------------------------------------------------
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
+from gpupanel.api.limits import MAX_PANEL_BODY
 from gpupanel.core.model import GpuProcess
 from gpupanel.core.worker import Health
 from gpupanel.errors import (
@@ -22,6 +25,7 @@ from gpupanel.errors import (
     WorkerFailed,
     WorkerTimeout,
 )
+from gpupanel.services.traffic import MAX_APPS, Traffic, valid_app_name
 from tests.api.conftest import BASE, FakeNode, Rig, Rigs, gpu, refused_port, served, worker
 
 ERROR_KINDS = [
@@ -193,11 +197,191 @@ async def test_register_app_validation_names_the_field(
     assert rig.plane.traffic.apps == {}
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[1]", b'"x"', b"[" * 100_000])
+BODY_ROUTES = ("/panel/apps", "/panel/workers/a/load", "/panel/processes/7/stop")
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1]", b'"x"', b"NaN", b"\xff"])
 async def test_bodies_that_are_not_a_json_object_are_400(rig: Rig, raw: bytes) -> None:
-    for path in ("/panel/apps", "/panel/workers/a/load", "/panel/processes/7/stop"):
+    for path in BODY_ROUTES:
         err = panel_error(await rig.client.post(path, content=raw), 400)
         assert "JSON" in err["message"]
+    assert rig.node.calls == []
+
+
+@pytest.mark.parametrize("raw", [b"[" * 200_000, b'{"a":' * 150_000, b"[" * 101 + b"]" * 101])
+async def test_deeply_nested_bodies_are_400_naming_the_depth(rig: Rig, raw: bytes) -> None:
+    """Regression: nesting was a RecursionError's text (or a 500 where the stack was
+    smaller); it is refused by the one bounded decoder (api/limits.py), whatever the route."""
+    for path in BODY_ROUTES:
+        err = panel_error(await rig.client.post(path, content=raw), 400)
+        assert err["message"] == "request body nests deeper than 100 levels", path
+        assert err["code"] == "too_deep"
+    assert rig.node.calls == [] and rig.plane.traffic.apps == {}
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_read(rig: Rig) -> None:
+    big = b" " * (MAX_PANEL_BODY + 1)
+    err = panel_error(await rig.client.post("/panel/apps", content=big), 413)
+    assert err["code"] == "body_too_large" and err["type"] == "request_too_large"
+    assert "1048576 bytes" in err["message"]
+    # A body just at the limit is read (and refused for what it is).
+    body = b'{"name": "x"}'.ljust(MAX_PANEL_BODY)
+    r = await rig.client.post("/panel/apps", content=body)
+    assert r.status_code == 201, r.text
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        for _ in range(64):
+            yield b" " * 65536
+
+    err = panel_error(await rig.client.post("/panel/apps", content=chunked()), 413)
+    assert err["code"] == "body_too_large"
+
+
+async def test_a_200_mb_chunked_body_does_not_grow_the_server(rig: Rig) -> None:
+    """Regression: Starlette's request.body() held the whole body before any check. Now the
+    limit counts the chunks as they arrive and answers 413 at the first MiB over it."""
+    process = psutil.Process()
+    chunk = b"x" * 65536
+    async with served(rig.app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /panel/apps HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        before = process.memory_info().rss
+        answer = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+        sent = 0
+        try:
+            while sent < 200 * 1024 * 1024 and not answer.done():
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+                sent += len(chunk)
+        except ConnectionError:
+            pass
+        head = await asyncio.wait_for(answer, 30)
+        grown = process.memory_info().rss - before
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert grown < 16 * 1024 * 1024, f"the process grew by {grown / 2**20:.1f} MiB"
+    assert rig.plane.traffic.apps == {}
+
+
+class Clock:
+    """A settable epoch clock for the traffic registry."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def names(r: httpx.Response) -> list[str]:
+    assert r.status_code == 200, r.text
+    return [a["name"] for a in r.json()["apps"]]
+
+
+async def test_the_app_registry_is_bounded(rig: Rig) -> None:
+    """Regression: every POST /panel/apps with a new name added an app for good, and each
+    one rode along in every snapshot. Now at most MAX_APPS; the next is a 409 saying how to
+    make room."""
+    for i in range(MAX_APPS):
+        r = await rig.client.post("/panel/apps", json={"name": f"app-{i}"})
+        assert r.status_code == 201, r.text
+    for i in range(MAX_APPS, MAX_APPS + 40):
+        err = panel_error(await rig.client.post("/panel/apps", json={"name": f"app-{i}"}), 409)
+        assert err["code"] == "too_many_apps"
+        assert f"at most {MAX_APPS} apps" in err["message"]
+        assert "DELETE /panel/apps/{name}" in err["message"]
+    assert len(rig.plane.traffic.apps) == MAX_APPS
+    assert len((await rig.client.get("/panel/snapshot")).json()["apps"]) == MAX_APPS
+    # Updating a registered app is still fine, and deleting one makes room for another.
+    r = await rig.client.post("/panel/apps", json={"name": "app-7", "owner": "ana"})
+    assert r.status_code == 201 and r.json()["app"]["owner"] == "ana"
+    assert (await rig.client.delete("/panel/apps/app-0")).status_code == 200
+    assert (await rig.client.post("/panel/apps", json={"name": "late"})).status_code == 201
+    assert len(rig.plane.traffic.apps) == MAX_APPS
+
+
+async def test_apps_seen_by_header_are_bounded_too(rig: Rig) -> None:
+    """Apps named only by X-GPUPanel-App take the place of the seen-only app idle the
+    longest; they never push out a registered app, and are never refused a request."""
+    rig.plane.traffic = Traffic(clock=Clock(), max_apps=4)
+    clock = rig.plane.traffic.clock
+    assert isinstance(clock, Clock)
+    await rig.client.post("/panel/apps", json={"name": "kept", "workers": ["a"]})
+    for i in range(10):
+        clock.now += 1
+        r = await rig.client.get("/proxy/a/v1/models", headers={"X-GPUPanel-App": f"seen-{i}"})
+        assert r.status_code == 200
+    assert names(await rig.client.get("/panel/apps")) == ["kept", "seen-7", "seen-8", "seen-9"]
+    assert rig.plane.traffic.apps["seen-9"].requests == 1
+
+
+async def test_registry_full_of_busy_apps_still_serves_requests(rig: Rig) -> None:
+    traffic = rig.plane.traffic = Traffic(clock=Clock(), max_apps=2)
+    busy = [traffic.open("a", "m", f"busy-{i}", "/v1/x", "POST") for i in range(2)]
+    extra = traffic.open("a", "m", "extra", "/v1/x", "POST")  # served, not counted
+    assert extra.stats is None and [a.name for a in traffic.app_infos()] == ["busy-0", "busy-1"]
+    err = panel_error(await rig.client.post("/panel/apps", json={"name": "new"}), 409)
+    assert "all of them are registered or busy" in err["message"]
+    for entry in (*busy, extra):
+        traffic.close(entry)
+    assert [(a.name, a.in_flight, a.requests) for a in traffic.app_infos()] == [
+        ("busy-0", 0, 1),
+        ("busy-1", 0, 1),
+    ]
+    assert (await rig.client.post("/panel/apps", json={"name": "new"})).status_code == 201
+
+
+async def test_delete_an_app(rig: Rig) -> None:
+    body = {"name": "team/a", "owner": "ana", "workers": ["a"]}
+    assert (await rig.client.post("/panel/apps", json=body)).status_code == 201
+    assert (await rig.client.get("/panel/workers")).json()["workers"]["a"]["owner"] == "team/a"
+    r = await rig.client.delete("/panel/apps/team/a")
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted"] is True and r.json()["app"]["owner"] == "ana"
+    assert names(await rig.client.get("/panel/apps")) == []
+    assert (await rig.client.get("/panel/workers")).json()["workers"]["a"]["owner"] is None
+    err = panel_error(await rig.client.delete("/panel/apps/team/a"), 404)
+    assert err["code"] == "app_not_found" and "'team/a'" in err["message"]
+    err = panel_error(await rig.client.delete("/panel/apps/team%2Fb"), 404)  # encoded slash
+    assert "'team/b'" in err["message"]
+    # Its requests no longer go only to its workers.
+    assert rig.plane.traffic.allowed_workers("team/a") is None
+
+
+async def test_apps_not_seen_for_the_ttl_are_forgotten(rig: Rig) -> None:
+    clock = Clock()
+    traffic = rig.plane.traffic = Traffic(clock=clock, app_ttl_s=60)
+    await rig.client.post("/panel/apps", json={"name": "quiet", "workers": ["a"]})
+    await rig.client.post("/panel/apps", json={"name": "chatty"})
+    await rig.client.post("/panel/apps", json={"name": "busy"})
+    stream = traffic.open("a", "m", "busy", "/v1/chat/completions", "POST")
+    clock.now += 50
+    traffic.close(traffic.open("b", "m", "chatty", "/v1/models", "GET"))  # seen again
+    await rig.client.post("/panel/apps", json={"name": "quiet", "workers": ["a"]})  # again
+    clock.now += 50  # 100 s after the first registrations, 50 s after the last use
+    assert names(await rig.client.get("/panel/apps")) == ["busy", "chatty", "quiet"]
+    clock.now += 11
+    # In flight for longer than the TTL: never expires while it runs.
+    assert names(await rig.client.get("/panel/apps")) == ["busy"]
+    assert rig.plane.traffic.allowed_workers("quiet") is None
+    assert (await rig.refresh()).apps[0].name == "busy"
+    traffic.close(stream)  # the end of a request is a use too
+    clock.now += 59
+    assert names(await rig.client.get("/panel/apps")) == ["busy"]
+    clock.now += 2
+    assert names(await rig.client.get("/panel/apps")) == []
+    assert traffic.apps == {}
+
+
+def test_registry_defaults_and_app_names() -> None:
+    traffic = Traffic()
+    assert (traffic.app_ttl_s, traffic.max_apps) == (7 * 24 * 3600, 256)
+    assert valid_app_name("team-a/x@host:1.0") and not valid_app_name("a\n")
+    assert not valid_app_name("x" * 65) and not valid_app_name("")
 
 
 # ---- worker operations ---------------------------------------------------------------------
@@ -276,7 +460,7 @@ async def test_log_lines_parameter(rig: Rig) -> None:
     r = await rig.client.get("/panel/workers/a/log?lines=")
     assert len(r.json()["lines"]) == 50
     assert rig.node.called("log") == [("a", 50), ("a", 3), ("a", 50)]
-    for bad in ("²", "0", "-1", "abc", "1.5", "1234567890", "9" * 5000):
+    for bad in ("²", "0", "-1", "-3", "abc", "1.5", "+5", " 5", "10001", "1234567890", "9" * 5000):
         err = panel_error(await rig.client.get("/panel/workers/a/log", params={"lines": bad}), 400)
         assert "query parameter 'lines' must be a positive integer" in err["message"]
     assert len(rig.node.called("log")) == 3
@@ -300,6 +484,143 @@ async def test_stop_pid_force_must_be_a_bool(rigs: Rigs) -> None:
 
 
 # ---- models -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "keep_alive": NaN}',
+        b'{"model": "m", "keep_alive": Infinity}',
+        b'{"model": "m", "keep_alive": -Infinity}',
+        b'{"model": "m", "keep_alive": 1e400}',
+        b'{"model": "m", "keep_alive": "bogus"}',
+        b'{"model": "m", "keep_alive": "3e1"}',
+        b'{"model": "m", "keep_alive": 1000000000000000000000000000000}',
+        b'{"model": "m", "keep_alive": -1000000000000000000000000000000}',
+        b'{"model": "m", "keep_alive": "' + b"9" * 5000 + b'"}',
+        b'{"model": "m", "keep_alive": "99999999999h"}',
+        b'{"model": "m", "keep_alive": "30 m"}',
+        b'{"model": "m", "keep_alive": " 30m"}',
+        b'{"model": "m", "keep_alive": "1d"}',
+        b'{"model": "m", "keep_alive": ""}',
+        b'{"model": "m", "keep_alive": "-"}',
+        b'{"model": "m", "keep_alive": "NaN"}',
+        b'{"model": "m", "keep_alive": "inf"}',
+    ],
+)
+async def test_keep_alive_is_checked_before_the_worker_sees_it(rig: Rig, raw: bytes) -> None:
+    """Regression: "bogus" and 10**30 went to the worker as they were."""
+    err = panel_error(await rig.client.post("/panel/workers/a/load", content=raw), 400)
+    assert err["message"].startswith("field 'keep_alive' must be seconds or a duration")
+    assert rig.node.calls == []
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "sent"),
+    [
+        ("30m", "30m"),
+        ("1h30m", "1h30m"),
+        ("-1s", "-1s"),
+        ("+2.5ms", "+2.5ms"),
+        ("1µs", "1µs"),
+        ("0", 0),
+        ("300", 300),
+        ("-1", -1),
+        ("2.5", 2.5),
+        (-1, -1),
+        (10**9, 10**9),
+        (-(10**9), -(10**9)),
+        (0.5, 0.5),
+    ],
+)
+async def test_keep_alive_forms_reach_the_worker(rig: Rig, keep_alive: Any, sent: Any) -> None:
+    """Go durations pass as they are; a bare number in a string (what `--keep-alive 300`
+    sends) becomes that number, which Ollama takes as seconds (it refuses "300")."""
+    r = await rig.client.post(
+        "/panel/workers/a/load", json={"model": "m", "keep_alive": keep_alive}
+    )
+    assert r.status_code == 200, r.text
+    (call,) = rig.node.called("load")
+    assert call[2] == sent and type(call[2]) is type(sent)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"num_ctx": "²"}, "num_ctx"),
+        ({"num_ctx": "9" * 5000}, "num_ctx"),
+        ({"num_ctx": str(2**24 + 1)}, "num_ctx"),
+        ({"num_ctx": "-3"}, "num_ctx"),
+        ({"num_ctx": "1e3"}, "num_ctx"),
+        ({"parallel": "1025"}, "parallel"),
+        ({"parallel": "٣"}, "parallel"),  # an Arabic-Indic digit: a digit, not ASCII
+        ({"exclusive": "perhaps"}, "exclusive"),
+    ],
+)
+async def test_estimate_numbers_are_ascii_digits_and_bounded(
+    rig: Rig, params: dict[str, str], field: str
+) -> None:
+    """Regression: '²' and 5,000-digit numbers must be a 400, never a 500 from int()."""
+    r = await rig.client.get("/panel/estimate", params={"worker": "a", "model": "m", **params})
+    err = panel_error(r, 400)
+    assert err["message"].startswith(f"query parameter {field!r} must be")
+    assert rig.node.calls == []
+
+
+async def test_empty_optional_query_values_are_absent(rig: Rig) -> None:
+    r = await rig.client.get("/panel/estimate?worker=a&model=m&num_ctx=&parallel=&kv_cache_type=")
+    assert r.status_code == 200, r.text
+    assert r.json()["estimate"]["kv_cache_type"] == "f16"
+    err = panel_error(await rig.client.get("/panel/estimate?worker=&model=m"), 400)
+    assert (
+        err["message"]
+        == "query parameter 'worker' is required (and 'model' for Ollama workers), got ''"
+    )
+
+
+async def test_estimate_bounds_are_inclusive(rig: Rig) -> None:
+    params = {"worker": "a", "model": "m", "num_ctx": str(2**24), "parallel": "1024"}
+    r = await rig.client.get("/panel/estimate", params=params)
+    assert r.status_code == 200, r.text
+    assert r.json()["estimate"]["parallel"] == 1024
+
+
+@pytest.mark.parametrize("pid", ["abc", "0", "-5", "4194305", "9" * 5000, "1.5", "²"])
+async def test_a_pid_that_cannot_exist_names_no_route(rig: Rig, pid: str) -> None:
+    err = panel_error(await rig.client.post(f"/panel/processes/{pid}/stop"), 404)
+    assert "path parameter 'pid' must be a process id" in err["message"]
+    assert len(err["message"]) < 300
+    assert rig.node.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "m", "num_ctx": 2**24 + 1}, "field 'num_ctx' must be a positive integer"),
+        ({"model": "m", "num_ctx": 10**30}, "field 'num_ctx' must be a positive integer"),
+        ({"model": "x" * 513}, "field 'model' is required: the model to load"),
+        ({"model": ["m"]}, "field 'model' is required: the model to load"),
+        ({"model": "m", "exclusive": None}, "field 'exclusive' must be true or false"),
+        ({"model": "m", "force": "true"}, "field 'force' must be true or false"),
+    ],
+)
+async def test_load_fields_are_strict(rig: Rig, body: dict[str, Any], message: str) -> None:
+    err = panel_error(await rig.client.post("/panel/workers/a/load", json=body), 400)
+    assert err["message"].startswith(message)
+    assert rig.node.calls == []
+
+
+async def test_unknown_body_fields_are_ignored_as_before(rig: Rig) -> None:
+    r = await rig.client.post("/panel/workers/a/load", json={"model": "m", "future": [1, {}]})
+    assert r.status_code == 200
+    r = await rig.client.post("/panel/processes/7/stop", json={"force": False, "why": "x"})
+    assert r.status_code == 200
+
+
+async def test_head_is_answered_by_get_routes(rig: Rig) -> None:
+    r = await rig.client.head("/panel/health")
+    assert r.status_code == 200
+    panel_error(await rig.client.get("/panel/workers/ensure"), 404)
 
 
 async def test_unload(rig: Rig) -> None:

@@ -1,41 +1,90 @@
-"""The HTTP app: management API and proxy, behind the localhost guard."""
+"""The HTTP app: management API and proxy, behind the localhost guard.
+
+```
+HostGuard -> /proxy/..., /v1/...  -> Proxy (raw ASGI, api/proxy.py)
+          -> everything else      -> BodyLimit -> the /panel FastAPI app (api/panel.py)
+```
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpupanel.api import panel
-from gpupanel.api.errors import panel_error
+from gpupanel.api.errors import panel_response
+from gpupanel.api.limits import MAX_PANEL_BODY
 from gpupanel.api.proxy import Proxy
 from gpupanel.api.security import HostGuard
+from gpupanel.errors import TooLarge
 from gpupanel.services.plane import Plane
+
+
+class BodyLimit:
+    """Refuse a request body over `limit` bytes with 413 `body_too_large`, holding at most
+    `limit` bytes of it: a Content-Length over the limit is refused before the body is read;
+    a chunked body is counted as it arrives and refused as soon as it passes the limit. The
+    body read is handed to the app as one message (docs/api.md, "Limits")."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_PANEL_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> TooLarge:
+        return TooLarge(
+            f"request body over the limit of {self.limit} bytes for /panel", "body_too_large"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (
+                not value.isdigit() or len(value) > 18 or int(value) > self.limit
+            ):
+                await panel_response(self._too_large())(scope, receive, send)
+                return
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body was whole
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await panel_response(self._too_large())(scope, receive, send)
+                return
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: Message | None = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                first, body = body, None
+                return first
+            return await receive()  # after the body: the disconnect, for streaming answers
+
+        await self.app(scope, replay, send)
 
 
 def build_app(plane: Plane, host: str) -> tuple[ASGIApp, Callable[[], Awaitable[None]]]:
     """The ASGI app of one plane served on `host` (the proxy's paths go straight to the
     proxy), and what closes it (the proxy's upstream connections)."""
     proxy = Proxy(plane)
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return panel_error(404, f"no route {request.method} {request.url.path}")
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        return panel_error(500, f"internal error: {type(exc).__name__}: {exc}")
-
-    management = Starlette(
-        routes=panel.routes(plane),
-        exception_handlers={404: not_found, 405: not_found, 500: server_error},
-    )
+    management = BodyLimit(panel.build(plane))
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path.startswith("/proxy/") or path.startswith("/v1/")):
             await proxy(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "HEAD":
+            # A GET route answers HEAD too (the server sends the head only), as before FastAPI.
+            await management({**scope, "method": "GET"}, receive, send)
         else:
             await management(scope, receive, send)
 
