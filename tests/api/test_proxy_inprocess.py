@@ -248,11 +248,66 @@ async def test_routed_body_must_be_json_with_a_model(rig: Rig) -> None:
         assert r.status_code == 400, body[:20]
         err = error_of(r)
         assert err["type"] == "invalid_request_error"
-    r = await rig.client.post("/v1/chat/completions", content=b"[" * 100_000)
+    r = await rig.client.post("/v1/chat/completions", content=b"not json")
     assert "not valid JSON" in error_of(r)["message"]
     r = await rig.client.post("/v1/embeddings", json={"input": "x"})
     assert error_of(r)["code"] == "model_required"
     assert rig.upstreams["a"].seen == [] and rig.upstreams["b"].seen == []
+
+
+DEEP_BODIES = [
+    b"[" * 200_000,  # beyond Python's recursion limit
+    b'{"model": "llama3", "x": ' + b"[" * 150 + b"]" * 150 + b"}",  # valid, too deep
+]
+
+
+@pytest.mark.parametrize("body", DEEP_BODIES, ids=["unclosed", "valid"])
+async def test_deeply_nested_json_is_400_in_the_route_dialect(rig: Rig, body: bytes) -> None:
+    """A body nested deeper than limits.MAX_JSON_DEPTH never reaches a worker (its parser
+    might not survive it): a 400 in each route's dialect, and nothing left in flight."""
+    for path in ("/v1/chat/completions", "/proxy/a/v1/chat/completions"):
+        r = await rig.client.post(path, content=body)
+        assert r.status_code == 400, path
+        err = error_of(r)
+        assert (err["code"], err["type"]) == ("too_deep", "invalid_request_error"), path
+        assert "nests deeper than 100 levels" in err["message"]
+    for path in ("/proxy/a/api/chat", "/proxy/a/api/pull", "/proxy/a/api/tags"):
+        r = await rig.client.post(path, content=body)
+        assert r.status_code == 400, path
+        assert r.json() == {"error": "request body nests deeper than 100 levels"}, path
+    assert rig.upstreams["a"].seen == [] and rig.upstreams["b"].seen == []
+    assert rig.plane.traffic.live == {}
+    assert rig.node.called("refresh_models") == []
+
+
+async def test_bare_worker_path_is_404_naming_the_expected_form(rig: Rig) -> None:
+    """`/proxy/{id}` with nothing after the id is no route (it used to send the end of the
+    id upstream as the request target: `GET a HTTP/1.1`); `/proxy/{id}/` passes `/`."""
+    for method in ("GET", "POST"):
+        r = await rig.client.request(method, "/proxy/a")
+        assert r.status_code == 404
+        err = error_of(r)
+        assert f"no route {method} /proxy/a:" in err["message"]
+        assert "/proxy/a/v1/..." in err["message"] and "/proxy/a/api/..." in err["message"]
+    for path in ("/proxy/", "/proxy//v1/models", "/proxy/?x=1"):
+        r = await rig.client.get(path)
+        assert r.status_code == 404, path
+        assert "/proxy/{worker}/v1/..." in error_of(r)["message"], path
+    assert rig.upstreams["a"].seen == []
+    r = await rig.client.get("/proxy/a/?q=1")
+    assert r.status_code == 200 and rig.upstreams["a"].seen[-1].target == "/?q=1"
+
+
+async def test_an_encoded_slash_stays_in_the_worker_id(rig: Rig) -> None:
+    """The worker id is split off the path as sent: `a%2Fb` names worker `a/b`, it does not
+    send `%2Fb/...` (no leading slash) to worker a."""
+    r = await rig.client.get("/proxy/a%2Fb/v1/models")
+    assert r.status_code == 404
+    assert error_of(r)["code"] == "worker_not_found" and "'a/b'" in error_of(r)["message"]
+    r = await rig.client.get("/proxy/%61/api/x%2Fy%20z")  # `a`, encoded; the rest as sent
+    assert r.status_code == 200
+    assert rig.upstreams["a"].seen[-1].target == "/api/x%2Fy%20z"
+    assert rig.upstreams["b"].seen == []
 
 
 async def test_body_over_the_limit_is_413(rig: Rig) -> None:

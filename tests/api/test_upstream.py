@@ -241,3 +241,27 @@ async def test_reading_pauses_while_the_reader_lags(
             assert not res._conn.paused or res._conn.size > 1000
         assert got == blob
         res.release()
+
+
+async def test_a_large_body_is_sent_whole_after_its_head(pool: UpstreamPool) -> None:
+    """Bodies from COPY_BODY_BELOW up go out in a second write rather than being copied
+    into the head's: the worker receives the same bytes, on a connection kept for reuse."""
+    server: Server
+    bodies = [
+        bytes(range(256)) * (upstream_module.COPY_BODY_BELOW // 256 + 3),  # just over
+        b"y" * (upstream_module.COPY_BODY_BELOW - 1),  # just under: one write
+    ]
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await keep_answering(server, r, w)
+
+    async with Server(handler) as server:
+        for body in bodies:
+            res = await pool.request(server.port, "PUT", b"/api/blobs/x", [], body)
+            assert res.status == 200 and await res.read() == b"{}"
+            res.release()
+        assert server.connections == 1
+        for raw, body in zip(server.requests, bodies, strict=True):
+            head, _, got = raw.partition(b"\r\n\r\n")
+            assert got == body
+            assert head.endswith(b"content-length: %d" % len(body))

@@ -20,6 +20,12 @@ hooks that keep routing current): when a pull, create, copy, delete, load or unl
 through `/proxy/{id}/api/...`, the worker's model list is refreshed before the answer ends,
 and a routed request for a model no worker is known to have re-probes the workers once.
 Errors are gpupanel's semantic errors, answered in the route's dialect (`api/errors.py`).
+
+What a client may send (docs/api.md, "Limits of every connection"): a body of at most
+`max_body` bytes (413 as soon as more has arrived; the rest is not kept); a JSON body is
+decoded by the bounded decoder (`api/limits.py`), so one that nests too deep is a 400 and
+never reaches a worker. `/proxy/{worker}` with nothing after the worker id is a 404 that
+names the expected form.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
-from urllib.parse import quote
+from typing import Any, Protocol
+from urllib.parse import quote, unquote_to_bytes
 
 from starlette.types import Message, Receive, Scope, Send
 
 from gpupanel.api.errors import dialect_body
+from gpupanel.api.limits import loads
 from gpupanel.api.upstream import Response, UpstreamError, UpstreamPool
 from gpupanel.core.routing import candidates, serves
 from gpupanel.core.snapshot import Snapshot
@@ -49,7 +56,9 @@ from gpupanel.errors import (
 )
 from gpupanel.services.traffic import InFlight, Traffic, valid_app_name
 
-MAX_BODY = 32 * 1024 * 1024
+MAX_BODY = 16 * 1024 * 1024
+"""Bytes a proxied request body may have. A body is held whole while it is routed (and
+resent on failover), so this bounds what one request adds to the control plane's memory."""
 ROUTED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _DROP_REQUEST = frozenset(
     {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -125,43 +134,68 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _changes_models(path: str, body: bytes) -> bool:
+def _json_of(body: bytes) -> Any:
+    """A per-worker request's body decoded, for the registry and the model-change check:
+    None if it is not JSON (it still goes to the worker as it is, which answers for it),
+    {} if empty. A body that nests too deep is refused here (Invalid, a 400): a worker's
+    parser may not survive it."""
+    if not body:
+        return {}
+    if body[:64].lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        return loads(body)
+    except Invalid as exc:
+        if exc.code == "too_deep":
+            raise
+        return None
+
+
+def _changes_models(path: str, data: Any) -> bool:
     """Does this native request change the worker's models (a pull, create, copy, delete;
     a generate or chat with no prompt, which Ollama takes as a load or an unload)?"""
     if path in MODEL_CHANGING:
         return True
     if path not in ("/api/generate", "/api/chat"):
         return False
-    try:
-        data = json.loads(body) if body else {}
-    except ValueError:
-        return False
     return isinstance(data, dict) and not data.get("prompt") and not data.get("messages")
 
 
-def _model_of(body: bytes) -> str | None:
-    """The `model` of a JSON body, for the registry; None if there is none (never raises)."""
-    if not body or b'"model"' not in body:
-        return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
+def _model_of(data: Any) -> str | None:
+    """The `model` of a decoded body, for the registry; None if there is none."""
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else None
 
 
-def _target(scope: Scope, path: str) -> bytes:
-    """The request target for the worker: `path` (the end of the request's path) as the
-    client encoded it, and the query string, byte for byte."""
+def _decoded(raw: bytes) -> str:
+    """A part of a path as sent, percent-decoded (as the ASGI server decodes `path`)."""
+    if b"%" in raw:
+        raw = unquote_to_bytes(raw)
+    return raw.decode("utf-8", "replace")
+
+
+def _per_worker(scope: Scope) -> tuple[str, str | None, bytes]:
+    """A `/proxy/...` request's worker id, the rest of its path (decoded; None when there is
+    nothing after the id, not even a slash) and the request target for the worker: the rest
+    of the path as the client encoded it, and the query string, byte for byte.
+
+    Split on the path as sent where the server gives it (`raw_path`), so an encoded slash in
+    the id (`/proxy/a%2Fb/...`) stays in the id rather than shifting the target."""
     raw: bytes | None = scope.get("raw_path")
-    prefix = scope["path"][: len(scope["path"]) - len(path)].encode()
-    if raw and raw.startswith(prefix):
-        target = raw[len(prefix) :]
-    else:
-        target = quote(path, safe="/:@!$&'()*+,;=~").encode()
+    if raw is not None and raw.startswith(b"/proxy/"):
+        seg, slash, tail = raw[7:].partition(b"/")
+        worker_id = _decoded(seg)
+        rest = "/" + _decoded(tail)
+        target = b"/" + tail
+    else:  # a server without raw_path: encode the decoded path again
+        worker_id, slash_text, tail_text = scope["path"][7:].partition("/")
+        slash = slash_text.encode()
+        rest = "/" + tail_text
+        target = quote(rest, safe="/:@!$&'()*+,;=~").encode()
+    if not slash:
+        return worker_id, None, b""
     query: bytes = scope.get("query_string", b"")
-    return target + b"?" + query if query else target
+    return worker_id, rest, target + b"?" + query if query else target
 
 
 class Proxy:
@@ -182,14 +216,23 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        worker_id, _, rest = path[7:].partition("/") if path.startswith("/proxy/") else ("", "", "")
-        dialect = "ollama" if rest.startswith("api/") else "openai"
+        worker_id, rest, target = (
+            _per_worker(scope) if path.startswith("/proxy/") else ("", None, b"")
+        )
+        dialect = "ollama" if rest is not None and rest.startswith("/api/") else "openai"
         try:
             app = _header(scope, b"x-gpupanel-app")
             if app is not None and not valid_app_name(app):
                 raise Invalid("header X-GPUPanel-App must be 1-64 of A-Z a-z 0-9 _ . @ : / -")
-            if worker_id:
-                await self._per_worker(scope, receive, send, worker_id, "/" + rest, app)
+            if path.startswith("/proxy/"):
+                if not worker_id or rest is None:
+                    wid = worker_id or "{worker}"
+                    raise NotFound(
+                        f"no route {scope['method']} {path}: a worker's APIs are under "
+                        f"/proxy/{wid}/, e.g. /proxy/{wid}/v1/... (OpenAI) or "
+                        f"/proxy/{wid}/api/... (Ollama)"
+                    )
+                await self._per_worker(scope, receive, send, worker_id, rest, target, app)
             elif path == "/v1/models" and scope["method"] == "GET":
                 await self._models(send)
             elif path in ROUTED and scope["method"] == "POST":
@@ -209,7 +252,14 @@ class Proxy:
         raise NotFound(f"no worker {worker_id!r} (workers: {known})", "worker_not_found")
 
     async def _per_worker(
-        self, scope: Scope, receive: Receive, send: Send, worker_id: str, path: str, app: str | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        worker_id: str,
+        path: str,
+        target: bytes,
+        app: str | None,
     ) -> None:
         worker = self._worker(worker_id)
         if worker.pid is None:
@@ -218,11 +268,12 @@ class Proxy:
                 "worker_down",
             )
         body = await _read_body(scope, receive, self.max_body)
+        data = _json_of(body)
         traffic = self.plane.traffic
-        entry = traffic.open(worker.id, _model_of(body), app, scope["path"], scope["method"])
-        changes = path.startswith("/api/") and _changes_models(path, body)
+        entry = traffic.open(worker.id, _model_of(data), app, scope["path"], scope["method"])
+        changes = path.startswith("/api/") and _changes_models(path, data)
         try:
-            await self._forward(scope, receive, send, worker, path, body, entry, changes)
+            await self._forward(scope, receive, send, worker, target, body, entry, changes)
         except _UpstreamFailed as exc:
             entry.failed = True
             raise WorkerFailed(
@@ -234,10 +285,7 @@ class Proxy:
 
     async def _routed(self, scope: Scope, receive: Receive, send: Send, app: str | None) -> None:
         body = await _read_body(scope, receive, self.max_body)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise Invalid(f"request body is not valid JSON: {exc}") from None
+        data = loads(body)  # Invalid (400): not JSON, or nested too deep
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
             raise Invalid("field 'model' is required: the model to route to", "model_required")
@@ -255,12 +303,14 @@ class Proxy:
                 )
             raise NotFound(f"model {model!r} is not available on any worker", "model_not_found")
         entry = traffic.open(None, model, app, scope["path"], scope["method"])
+        query: bytes = scope.get("query_string", b"")
+        target = scope["path"].encode() + (b"?" + query if query else b"")
         failures: list[str] = []
         try:
             for worker in choice:
                 entry.worker = worker.id
                 try:
-                    await self._forward(scope, receive, send, worker, scope["path"], body, entry)
+                    await self._forward(scope, receive, send, worker, target, body, entry)
                     traffic.bench.succeeded(worker.id)
                     return
                 except _UpstreamFailed as exc:
@@ -305,17 +355,17 @@ class Proxy:
         receive: Receive,
         send: Send,
         worker: WorkerState,
-        path: str,
+        target: bytes,
         body: bytes,
         entry: InFlight,
         changes_models: bool = False,
     ) -> None:
-        """Send the request to `worker` and stream its answer back. With `changes_models`,
-        the worker's models are read again (and published) before the answer ends.
+        """Send the request to `worker` (`target`: its path and query) and stream its answer
+        back. With `changes_models`, the worker's models are read again (and published)
+        before the answer ends.
 
         Raises _UpstreamFailed only before the first byte was sent to the client.
         """
-        target = _target(scope, path)
         headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
         try:
             upstream = await self.upstream.request(

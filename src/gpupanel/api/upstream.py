@@ -19,6 +19,9 @@ from typing import cast
 import httptools
 
 HIGH_WATER = 256 * 1024  # bytes buffered from a worker before reading from it pauses
+COPY_BODY_BELOW = 64 * 1024
+"""A request body under this is joined to the head (one write); a larger one is written
+after it rather than copied."""
 _NO_BODY_METHODS = frozenset({"HEAD"})
 _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # idempotent
 
@@ -221,24 +224,32 @@ class UpstreamPool:
             head += (b"\r\n", name, b": ", value)
         if body or method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
             head += (b"\r\ncontent-length: ", b"%d" % len(body))
-        head += (b"\r\n\r\n", body)
-        payload = b"".join(head)
+        head.append(b"\r\n\r\n")
+        if len(body) < COPY_BODY_BELOW:
+            head.append(body)
+            payload, rest = b"".join(head), b""
+        else:  # two writes rather than a copy of a large body
+            payload, rest = b"".join(head), body
         conn = self._take(port)
         if conn is not None:
             try:
-                return await self._exchange(conn, method, payload)
+                return await self._exchange(conn, method, payload, rest)
             except UpstreamError:
                 # A kept-alive connection the worker had just closed: try once more on a
                 # new one when that is safe (nothing came back, idempotent method).
                 if conn.received or method not in _RETRYABLE:
                     raise
-        return await self._exchange(await self._connect(port), method, payload)
+        return await self._exchange(await self._connect(port), method, payload, rest)
 
-    async def _exchange(self, conn: _Connection, method: str, payload: bytes) -> Response:
+    async def _exchange(
+        self, conn: _Connection, method: str, payload: bytes, rest: bytes = b""
+    ) -> Response:
         conn._begin(method)
         conn.used = True
         assert conn.transport is not None
         conn.transport.write(payload)
+        if rest:
+            conn.transport.write(rest)
         try:
             await conn.head
         except BaseException:  # cancelled: the exchange cannot be resumed

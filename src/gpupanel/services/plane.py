@@ -38,6 +38,7 @@ def merge(parts: Sequence[Snapshot]) -> Snapshot:
         gpus=tuple(g for p in parts for g in p.gpus),
         host=parts[0].host if parts else None,
         workers=tuple(w for p in parts for w in p.workers),
+        warnings=tuple(w for p in parts for w in p.warnings),
     )
 
 
@@ -52,7 +53,7 @@ class Plane:
         self.url = url
         self.version = version
         self.simulated = any(n.simulated for n in self.nodes)
-        self.traffic = Traffic()
+        self.traffic = Traffic(app_ttl_s=config.panel.app_expiry_s)
         self.thresholds = Thresholds(near_full_percent=config.panel.near_full_percent)
         self.snapshot = Snapshot(time=0.0, simulated=self.simulated, gpus=())
         self.loader = Loader(
@@ -116,7 +117,9 @@ class Plane:
         return self.snapshot
 
     async def next_snapshot(self, timeout: float) -> Snapshot | None:
-        """The next snapshot published (None if none comes within `timeout` seconds)."""
+        """The next snapshot published (None if none comes within `timeout` seconds). When
+        the plane closes, every waiter gets the latest snapshot at once (nothing more will
+        be published: an event stream should then find its connection closed and end)."""
         if self._published is None:
             self._published = asyncio.Condition()
         async with self._published:
@@ -125,6 +128,14 @@ class Plane:
             except asyncio.TimeoutError:
                 return None
         return self.snapshot
+
+    async def close(self) -> None:
+        """The control plane is stopping: wake whoever waits in `next_snapshot` now rather
+        than at a tick that will not come. Waiting again afterwards waits out the timeout
+        (a stream that did not end is never spun in a loop)."""
+        if self._published is not None:
+            async with self._published:
+                self._published.notify_all()
 
     # ---- operations -------------------------------------------------------------------------
 

@@ -6,6 +6,12 @@ samples the nodes and publishes a new immutable Snapshot; readers (the API, widg
 the latest.
 The panel socket is bound by the caller's thread before anything starts, so a busy port is
 an exception there, not an exit inside a thread.
+
+The HTTP server is uvicorn on httptools, with the transport limits it lacks added by a small
+subclass of its protocol (`HttpLimits`: a header size and count limit, a header read timeout,
+an idle timeout from the moment a connection opens), and a shutdown that ends: event streams
+are closed at once, other requests get `shutdown_grace_s`, and a second stop ends them all
+(docs/api.md, "Limits of every connection" and "Stopping").
 """
 
 from __future__ import annotations
@@ -15,21 +21,27 @@ import concurrent.futures
 import contextlib
 import errno
 import gc
+import json
 import logging
+import math
+import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gpupanel._version import __version__
 from gpupanel.adapters.state import StateStore
 from gpupanel.core.config import Config
+from gpupanel.core.defaults import HEADER_TIMEOUT_ENV, IDLE_TIMEOUT_ENV, SHUTDOWN_GRACE_ENV
 from gpupanel.core.gpu import GpuBackend
 from gpupanel.core.snapshot import Snapshot
-from gpupanel.errors import GpuPanelError
+from gpupanel.errors import ConfigError, GpuPanelError
 from gpupanel.services.node import LocalNode
 from gpupanel.services.plane import Plane
 
@@ -82,12 +94,235 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+# ---- the HTTP transport: limits uvicorn does not have ----------------------------------------
+
+FEEDS = frozenset({"/panel/events"})
+"""Responses that never end by themselves (server-sent events): closed at once on shutdown."""
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one connection to the panel port may hold (docs/api.md, "Limits of every
+    connection"). The durations can be set from the environment (`from_env`), e.g. shorter
+    for tests."""
+
+    idle_timeout_s: float = 5.0
+    """A connection with no request in progress (just opened, or kept alive after an
+    answer) is closed when nothing arrives for this long."""
+    header_timeout_s: float = 5.0
+    """A request's head (request line and headers) must arrive in full within this long of
+    its first bytes; else 408 and the connection is closed."""
+    max_header_bytes: int = 32 * 1024
+    """The request line and headers together; over it, 431 and the connection is closed."""
+    max_headers: int = 100
+    """Header fields in one request; over it, 431 and the connection is closed."""
+    shutdown_grace_s: float = 3.0
+    """On stop, requests in progress (a proxied stream, a worker start) have this long to end
+    before their connections are closed; event streams are closed at once."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> HttpLimits:
+        """The defaults, with $GPUPANEL_IDLE_TIMEOUT_S, $GPUPANEL_HEADER_TIMEOUT_S and
+        $GPUPANEL_SHUTDOWN_GRACE_S (seconds) where set."""
+        base = cls()
+        return cls(
+            idle_timeout_s=_seconds(env, IDLE_TIMEOUT_ENV, base.idle_timeout_s, 0.1),
+            header_timeout_s=_seconds(env, HEADER_TIMEOUT_ENV, base.header_timeout_s, 0.1),
+            max_header_bytes=base.max_header_bytes,
+            max_headers=base.max_headers,
+            shutdown_grace_s=_seconds(env, SHUTDOWN_GRACE_ENV, base.shutdown_grace_s, 0.0),
+        )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, least: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not least <= value <= 3600:  # also refuses nan
+        raise ConfigError(
+            f"${name} must be a number of seconds from {least:g} to 3600, got {text!r}"
+        )
+    return value
+
+
+LINGER_S = 1.0
+"""After answering 408 or 431, how long the rest of what the client sends is read and
+dropped before the connection closes (closing with unread data would reset it, and the
+client might never read the answer)."""
+
+
+class _TooLarge(Exception):
+    """Raised in a parser callback: the request's head is over the limits."""
+
+
+class BoundedHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol with `HttpLimits`: the idle timer runs from the
+    moment a connection opens (uvicorn arms it only after a first answer), a request's
+    head has a deadline and a size, and its header fields a count.
+
+    Nothing on the hot path but a few additions: a head that arrives in one read never
+    arms a timer."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn types its keep-alive timeout as int; it only ever reaches call_later.
+        self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]
+        self._in_head = False
+        self._head_bytes = 0  # received for the head in reads that did not complete it
+        self._read = 0  # the size of the read being parsed
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = ""  # why a parser callback stopped the parser
+        self._lingering = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.limits.idle_timeout_s, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # answered and closing: dropped
+        self._read = len(data)
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # A head still incomplete after this read: bound its bytes (httptools keeps
+            # a partial header field until it is whole), and give it a deadline.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(
+                    f"request headers over the limit of {self.limits.max_header_bytes} bytes"
+                )
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(
+                    self.limits.header_timeout_s, self._head_timeout
+                )
+
+    # ---- parser callbacks ----
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._stop_head_timer()
+        limits = self.limits
+        if len(self.headers) > limits.max_headers:
+            self._refused = f"more than {limits.max_headers} request header fields"
+            raise _TooLarge
+        # What arrived of this head is at most what was read for it: count its bytes
+        # only when that could be over the limit (a large read: a body came with it).
+        if (
+            self._head_bytes + self._read > limits.max_header_bytes
+            and len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            > limits.max_header_bytes
+        ):
+            self._refused = f"request headers over the limit of {limits.max_header_bytes} bytes"
+            raise _TooLarge
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused:  # a callback above stopped the parser: 431, not uvicorn's 400
+            self._refuse(self._refused)
+        else:
+            super().send_400_response(msg)
+
+    # ---- helpers ----
+
+    def _refuse(self, message: str) -> None:
+        self._answer_and_close(b"431 Request Header Fields Too Large", message, "headers_too_large")
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self._in_head:
+            self._answer_and_close(
+                b"408 Request Timeout",
+                f"request headers not received in full within {self.limits.header_timeout_s:g} s",
+                "header_timeout",
+            )
+
+    def _answer_and_close(self, status: bytes, message: str, code: str) -> None:
+        """A small JSON error (the /panel shape: the route is not known yet), then the
+        connection ends: at once if the client has stopped sending, else after what it
+        still sends for LINGER_S has been read and dropped."""
+        self._in_head = False
+        self._stop_head_timer()
+        if self._lingering or self.transport.is_closing():
+            return
+        self._lingering = True
+        self._unset_keepalive_if_required()
+        error = {"message": message, "type": "invalid_request_error", "code": code}
+        body = json.dumps({"error": error}).encode()
+        self.transport.write(
+            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, len(body), body)
+        )
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer, then EOF
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:  # pragma: no cover
+            self.transport.close()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+
+def http_protocol(limits: HttpLimits) -> type[BoundedHttp]:
+    """The protocol class for uvicorn's `Config(http=...)` that enforces `limits`."""
+    return type("BoundedHttp", (BoundedHttp,), {"limits": limits})
+
+
+class _NoCancelledTracebacks(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a handler cancelled on stop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handlers: the owner of the runtime decides when to stop."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+def _close_connections(
+    server: uvicorn.Server, feeds_only: bool = False, abort: bool = False
+) -> int:
+    """Close the server's open connections (only those of an event stream with `feeds_only`;
+    at once, dropping unsent data, with `abort`): the apps see the client gone and end their
+    responses. Returns how many were closed."""
+    closed = 0
+    for conn in list(server.server_state.connections):
+        transport = getattr(conn, "transport", None)
+        if transport is None or (transport.is_closing() and not abort):
+            continue
+        if feeds_only:
+            cycle = getattr(conn, "cycle", None)
+            if cycle is None or cycle.response_complete or cycle.scope.get("path") not in FEEDS:
+                continue
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+        closed += 1
+    return closed
 
 
 class ControlPlane:
@@ -103,15 +338,18 @@ class ControlPlane:
         store: StateStore,
         app_factory: Callable[[Plane], tuple[ASGIApp, Callable[[], Awaitable[None]]]],
         tick_s: float = 1.0,
+        http_limits: HttpLimits | None = None,
     ) -> None:
         self.config = config
         self.app_factory = app_factory
         self.tick_s = tick_s
+        self.http_limits = http_limits if http_limits is not None else HttpLimits.from_env()
         self.url = f"http://{config.panel.host}:{config.panel.port}"
         self.node = LocalNode(config, backend, store)
         self.plane = Plane([self.node], config, self.url, __version__)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._force: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
@@ -131,8 +369,20 @@ class ControlPlane:
         """Serve until `stop()`: adopt recorded workers, start missing ones, tick, serve HTTP."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
         app, close_app = self.app_factory(self.plane)
-        server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        limits = self.http_limits
+        server = _Server(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+                http=http_protocol(limits),
+                # The last resort of a stop (see `_shut_down`): cancel what still runs.
+                timeout_graceful_shutdown=math.ceil(limits.shutdown_grace_s) + 2,
+            )
+        )
         try:
             adopted = await self.node.open()
             if adopted:
@@ -152,12 +402,66 @@ class ControlPlane:
                     await self.plane.refresh()
                 except Exception:  # a tick must never kill the control plane
                     log.exception("tick failed")
-            server.should_exit = True
-            await serving
+            await self._shut_down(server, serving)
         finally:
             await close_app()
             await self.node.close()
             sock.close()
+
+    async def _shut_down(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+        """Stop serving, in bounded time: no new connections, idle ones closed (uvicorn),
+        event streams closed now, other requests `shutdown_grace_s` to end, then their
+        connections closed (the proxy then drops its upstream ones); a second `stop()` at
+        any point closes everything at once. Workers are not touched."""
+        assert self._force is not None
+        server.should_exit = True
+        feeds = _close_connections(server, feeds_only=True)
+        await self.plane.close()  # an event stream waiting for the next tick wakes up now
+        if serving.done():
+            return
+        grace = self.http_limits.shutdown_grace_s
+        busy = max(0, len(server.server_state.tasks) - feeds)
+        log.info(
+            "stopping: %d event stream(s) closed, %d request(s) in progress get %g s",
+            feeds,
+            busy,
+            grace,
+        )
+        forced = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait(
+                (serving, forced), timeout=grace, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not serving.done() and not forced.done():
+                closed = _close_connections(server)
+                if closed:
+                    log.warning(
+                        "stopping: closed %d connection(s) still busy after %g s", closed, grace
+                    )
+                await asyncio.wait(
+                    (serving, forced), timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
+            if not serving.done():
+                server.force_exit = True  # uvicorn stops waiting for connections and tasks
+                _close_connections(server, abort=True)
+            await serving
+        finally:
+            forced.cancel()
+        # Handlers that do not end with their connection (a worker start waiting for the
+        # worker to be ready): cancelled here, before the node closes, in one log line
+        # rather than a traceback each (the worker itself goes on, adopted next time).
+        left = [t for t in server.server_state.tasks if not t.done()]
+        if left:
+            log.warning("stopping: cancelled %d request(s) still running", len(left))
+            quiet = _NoCancelledTracebacks()
+            uvicorn_log = logging.getLogger("uvicorn.error")
+            uvicorn_log.addFilter(quiet)
+            try:
+                for task in left:
+                    task.cancel()
+                await asyncio.wait(left, timeout=1.0)
+            finally:
+                uvicorn_log.removeFilter(quiet)
 
     async def _ensure(self) -> None:
         try:
@@ -168,9 +472,19 @@ class ControlPlane:
             log.error("%s", exc)
 
     def stop(self) -> None:
-        """Ask the loop to stop (thread-safe). Workers keep running."""
-        if self.loop is not None and self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
+        """Ask the loop to stop (thread-safe; what SIGINT and SIGTERM call). Workers keep
+        running. Requests in progress get `http_limits.shutdown_grace_s`; a second call
+        ends them at once."""
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already
+                self.loop.call_soon_threadsafe(self._stopping, True)
+
+    def _stopping(self, escalate: bool) -> None:
+        if self._stop is None or self._force is None:
+            return
+        if self._stop.is_set() and escalate:
+            self._force.set()
+        self._stop.set()
 
     # ---- in a background thread (Jupyter, tests) ----------------------------------------------
 
@@ -197,7 +511,10 @@ class ControlPlane:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def join(self, timeout: float | None = None) -> None:
-        """Stop and wait for the loop thread to end."""
-        self.stop()
+        """Stop (letting requests in progress end, as a first `stop()` does) and wait for the
+        loop thread to end."""
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already
+                self.loop.call_soon_threadsafe(self._stopping, False)
         if self._thread is not None:
             self._thread.join(timeout)
