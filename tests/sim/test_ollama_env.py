@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from gpupanel.core.units import parse_go_duration
 from gpupanel.errors import ConfigError
 from gpupanel.sim.ollama_env import (
     FOREVER,
     Faults,
     env_keep_alive,
-    parse_go_duration,
     parse_host,
     parse_keep_alive,
     parse_size,

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +24,12 @@ import pytest
 
 from tests.conftest import free_port
 from tests.e2e.conftest import kill_simulated, wait_for
+from tests.ui.conftest import ARTIFACTS
 from tests.ui.demo_process import DemoProcess, alive, simulated_processes
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-]  # fmt: skip
 WIDGETS_TIMEOUT_MS = 120_000  # a Voila kernel start plus the widgets take 20-40 s on 2 cores
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("GPUPANEL_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason}, and GPUPANEL_REQUIRE_BROWSER=1 says it must be there")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Debian Chromium through Playwright (module-wide: starting it costs seconds)."""
-    if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright package is missing (pip install -e '.[test]')")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def new_page(browser: Any) -> Any:

@@ -10,7 +10,6 @@ the test skips, unless GPUPANEL_REQUIRE_BROWSER=1 (set by CI) makes that a failu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,41 +18,11 @@ import pytest
 
 from gpupanel.sim.workstation import parse_spec
 from tests.e2e.conftest import free_port, kill_simulated, serve
+from tests.ui.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-]  # fmt: skip
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("GPUPANEL_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason}, and GPUPANEL_REQUIRE_BROWSER=1 says it must be there")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Debian Chromium through Playwright."""
-    if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright package is missing (pip install -e '.[test]')")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.mark.timeout(180)

@@ -40,6 +40,7 @@ from pydantic_core import PydanticUseDefault
 from gpupanel.api.limits import loads
 from gpupanel.core.model import GpuSample, HostSample
 from gpupanel.core.requests import AppInfo, RequestInfo
+from gpupanel.core.units import parse_go_duration
 from gpupanel.core.warning import Warning
 from gpupanel.core.worker import LoadedModel, WorkerState
 from gpupanel.errors import Invalid
@@ -116,18 +117,7 @@ def empty_is_absent(value: object) -> object:
 
 _GO_PART = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h)"
 _GO_DURATION = re.compile(f"[-+]?(?:0|(?:{_GO_PART})+)")
-_GO_PARTS = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _SECONDS = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-_UNIT_S = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
 KEEP_ALIVE_PATTERN = f"^(?:{_SECONDS.pattern}|{_GO_DURATION.pattern})$"
 
 
@@ -151,11 +141,11 @@ def _keep_alive(value: object) -> object:
     elif _SECONDS.fullmatch(value):
         seconds = float(value)
         out = int(seconds) if seconds.is_integer() else seconds
-    elif _GO_DURATION.fullmatch(value):
-        sign = -1.0 if value.startswith("-") else 1.0
-        seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in _GO_PARTS.findall(value))
     else:
-        raise ValueError("not a duration")
+        try:
+            seconds = parse_go_duration(value)
+        except ValueError:
+            raise ValueError("not a duration") from None
     if not math.isfinite(seconds) or abs(seconds) > MAX_KEEP_ALIVE_S:
         raise ValueError("not finite or too large")
     return out

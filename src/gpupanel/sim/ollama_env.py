@@ -28,6 +28,7 @@ from gpupanel.core.defaults import (
     SIM_REPLY_TOKENS_ENV,
     SIM_TOKENS_PER_S_ENV,
 )
+from gpupanel.core.units import parse_go_duration
 from gpupanel.errors import ConfigError
 from gpupanel.sim.workstation import SimGpu, Workstation
 
@@ -36,17 +37,6 @@ DEFAULT_KEEP_ALIVE = 300.0
 FOREVER = math.inf
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 
-_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -100,30 +90,6 @@ def _split_host_port(hostport: str) -> tuple[str, str | None]:
         return hostport, None
     host, _, port = hostport.partition(":")
     return host, port
-
-
-def parse_go_duration(text: str) -> float:
-    """Seconds from a Go duration string ("300ms", "1h30m", "-5m", "0"); ValueError if invalid."""
-    original = text
-    text = text.strip()
-    sign = 1.0
-    if text[:1] in "+-" and text:
-        sign = -1.0 if text[0] == "-" else 1.0
-        text = text[1:]
-    if text == "0":
-        return 0.0
-    if not text:
-        raise ValueError(f'time: invalid duration "{original}"')
-    pos, total = 0, 0.0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if not m:
-            if re.fullmatch(r"[\d.]+", text[pos:]):
-                raise ValueError(f'time: missing unit in duration "{original}"')
-            raise ValueError(f'time: invalid duration "{original}"')
-        total += float(m[1]) * _UNITS[m[2]]
-        pos = m.end()
-    return sign * total
 
 
 def parse_keep_alive(value: Any) -> float:
