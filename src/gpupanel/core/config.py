@@ -79,6 +79,18 @@ class PanelSettings:
     load_margin_gib: float = 0.5
     strict_loads: bool = False
     app_expiry_s: float = APP_EXPIRY_S
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed beyond the defaults (loopback on any port, the configured host,
+    app://, file://, tauri://, vscode-webview://), e.g. "https://notebooks.example.org";
+    a "*" in the host part matches any label ("https://*.example.org")."""
+    auth: str = "off"
+    """"off": anyone who can reach the port may use it (loopback, one user); "keys": the
+    proxy needs an API key and /panel writes the admin token (docs/security.md)."""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+AUTH_MODES = ("off", "keys")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +218,25 @@ def _check_id(wid: Any, where: str) -> str:
     return wid
 
 
+def _check_auth(value: str | None, f: _Fields) -> str:
+    if value not in AUTH_MODES:
+        raise f.fail(
+            "auth", '"off" (no keys: loopback, one user) or "keys" (API keys and an admin token)'
+        )
+    return value
+
+
+def _check_origin(origin: str, f: _Fields) -> str:
+    """An origin as browsers send it: scheme://host[:port], no path (a "*" label allowed)."""
+    scheme, sep, rest = origin.partition("://")
+    if not sep or not scheme or not rest or "/" in rest or origin != origin.strip():
+        raise ConfigError(
+            f"{f.where}: field 'allowed_origins' has {origin!r}: an origin is "
+            'scheme://host[:port] with no path, e.g. "https://notebooks.example.org"'
+        )
+    return origin.lower()
+
+
 _PANEL_FIELDS = frozenset(f.name for f in dataclasses.fields(PanelSettings))
 _WORKER_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerSpec))
 _PANEL_DEFAULTS = PanelSettings()
@@ -258,7 +289,16 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         load_margin_gib=p.number("load_margin_gib", d.load_margin_gib, 0, 1024),
         strict_loads=p.flag("strict_loads", d.strict_loads),
         app_expiry_s=p.number("app_expiry_s", d.app_expiry_s, 1, 365 * 24 * 3600),
+        allowed_origins=tuple(_check_origin(o, p) for o in p.texts("allowed_origins")),
+        auth=_check_auth(p.text("auth", d.auth), p),
+        tls_cert=p.text("tls_cert", d.tls_cert),
+        tls_key=p.text("tls_key", d.tls_key),
     )
+    if (panel.tls_cert is None) != (panel.tls_key is None):
+        raise ConfigError(
+            f"{source}: [panel]: fields 'tls_cert' and 'tls_key' go together: give both "
+            "(the certificate chain and its private key, PEM files) or neither"
+        )
     raw_workers = data.get("workers")
     if raw_workers is None:
         return Config(panel=panel, workers=default_config(gpus).workers, source=source)
