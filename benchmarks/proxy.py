@@ -25,7 +25,12 @@ must be a 200 with the expected body, so a broken proxy fails instead of scoring
 Budgets (docs/architecture.md, "Performance budgets") are judged for gpupanel's two routes; exit status 1 if one is
 missed.
 
-    python benchmarks/proxy.py [--rounds 3] [--litellm PATH | $LITELLM_BIN] [--quick]
+    python benchmarks/proxy.py [--rounds 3] [--litellm PATH | $LITELLM_BIN] [--quick] [--keys]
+
+With `--keys`, gpupanel runs with `[panel] auth = "keys"` and its two routes are called with
+an API key (made with `gpupanel keys create`, limited to the worker and the models used,
+with a concurrency limit above the load): the same figures, with every request
+authenticated and checked against the key's scopes.
 
 LiteLLM lives in its own virtual environment (see benchmarks/README.md); without it the
 LiteLLM row is skipped with a note.
@@ -39,6 +44,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -69,6 +75,7 @@ DIRECT, WORKER_ROUTE, V1_ROUTE, LITELLM = (
 )
 GPUPANEL = (WORKER_ROUTE, V1_ROUTE)
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer unused"}
+KEY_RE = re.compile(r"gpk-[A-Za-z0-9_-]{43}")
 CHAT = json.dumps({"model": FAST, "messages": [{"role": "user", "content": "ping"}]}).encode()
 
 
@@ -149,6 +156,7 @@ class Target:
     session: aiohttp.ClientSession
     cpu: Callable[[], float] | None = None  # CPU seconds used so far by the proxy's processes
     rounds: list[dict[str, float]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=lambda: HEADERS)
 
     def check(self, response: aiohttp.ClientResponse) -> None:
         if response.status != 200:
@@ -161,7 +169,7 @@ class Target:
 
 
 async def chat(t: Target) -> None:
-    async with t.session.post(t.url, data=CHAT, headers=HEADERS) as r:
+    async with t.session.post(t.url, data=CHAT, headers=t.headers) as r:
         body = await r.read()
         t.check(r)
         if b'"pong"' not in body:
@@ -223,7 +231,7 @@ async def capacity(t: Target, streams: int, tokens: int, seconds: float) -> dict
     async def client() -> None:
         nonlocal events, completed
         while time.perf_counter() < deadline:
-            async with t.session.post(t.url, data=body, headers=HEADERS) as r:
+            async with t.session.post(t.url, data=body, headers=t.headers) as r:
                 t.check(r)
                 count, tail, last = 0, b"", b""
                 async for data in r.content.iter_any():
@@ -255,7 +263,7 @@ async def paced(t: Target, streams: int, tokens: int) -> dict[str, float]:
 
     async def client() -> None:
         stamps: list[float] = []
-        async with t.session.post(t.url, data=body, headers=HEADERS) as r:
+        async with t.session.post(t.url, data=body, headers=t.headers) as r:
             t.check(r)
             buffer = b""
             done = False
@@ -293,12 +301,12 @@ async def paced(t: Target, streams: int, tokens: int) -> dict[str, float]:
 
 async def sanity(t: Target) -> None:
     """The expected JSON and SSE, parsed in full, before any figure is taken."""
-    async with t.session.post(t.url, data=CHAT, headers=HEADERS) as r:
+    async with t.session.post(t.url, data=CHAT, headers=t.headers) as r:
         t.check(r)
         reply = await r.json(content_type=None)
     if reply["choices"][0]["message"]["content"] != "pong":
         raise BrokenPath(f"{t.name}: unexpected answer {reply!r}")
-    async with t.session.post(t.url, data=stream_body(FAST, 20), headers=HEADERS) as r:
+    async with t.session.post(t.url, data=stream_body(FAST, 20), headers=t.headers) as r:
         t.check(r)
         if not r.headers.get("Content-Type", "").startswith("text/event-stream"):
             raise BrokenPath(f"{t.name}: stream content type {r.headers.get('Content-Type')}")
@@ -339,8 +347,12 @@ class Stack:
         litellm: Path | None,
         profile: Path | None = None,
         without: tuple[str, ...] = (),
+        keys: bool = False,
     ) -> None:
         self.root = root
+        self.keys = keys
+        self.key: str | None = None  # the API key the gpupanel paths send, with --keys
+        self.admin: dict[str, str] = {}  # the admin token's header for /panel, with --keys
         self.profile = profile
         self.without = without
         self.litellm_bin = litellm
@@ -360,7 +372,8 @@ class Stack:
         parse_spec("1x24").save(self.root / "sim")
         config = self.root / "gpupanel.toml"
         config.write_text(
-            textwrap.dedent(
+            ('[panel]\nauth = "keys"\n' if self.keys else "")
+            + textwrap.dedent(
                 f"""
                 [[workers]]
                 id = "{WORKER}"
@@ -372,6 +385,8 @@ class Stack:
                 """
             )
         )
+        if self.keys:
+            self.key = self._create_key(config)
         with open(self.root / "serve.log", "wb") as log:
             if self.without:  # as if these modules were not installed (for a before/after)
                 blocked = ", ".join(repr(m) for m in self.without)
@@ -394,11 +409,15 @@ class Stack:
             self.serve,
             self.root / "serve.log",
         )
+        if self.keys:
+            token = (self.root / "state" / "gpupanel" / "admin-token").read_text().strip()
+            self.admin = {"Authorization": f"Bearer {token}"}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            w = httpx.get(f"{self.panel_url}/panel/workers", trust_env=False).json()["workers"][
-                WORKER
-            ]
+            answer = httpx.get(
+                f"{self.panel_url}/panel/workers", headers=self.admin, trust_env=False
+            )
+            w = answer.json()["workers"][WORKER]
             self.worker_pid = w.get("pid") or self.worker_pid
             if w["status"] == "running" and {FAST, PACED} <= set(w["models_available"]):
                 break
@@ -407,6 +426,20 @@ class Stack:
             raise SystemExit(f"worker {WORKER} not running with its models; see {self.root}")
         if self.litellm_bin is not None:
             self._start_litellm()
+
+    def _create_key(self, config: Path) -> str:
+        """An API key for the gpupanel paths, made as a user would (`gpupanel keys create`):
+        scoped to the worker and the benchmark's models, with a concurrency limit the load
+        (64 streams at most) stays under, so that the scope checks run on every request."""
+        done = subprocess.run(
+            [sys.executable, "-m", "gpupanel", "keys", "create", "bench", "--config", str(config),
+             "--workers", WORKER, "--models", f"{FAST},{PACED}", "--max-inflight", "1000"],
+            env=self.env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        found = KEY_RE.search(done.stdout)
+        if found is None:
+            raise SystemExit(f"gpupanel keys create printed no key: {done.stdout!r}")
+        return found.group(0)
 
     def _start_litellm(self) -> None:
         assert self.litellm_bin is not None
@@ -469,7 +502,10 @@ class Stack:
         if self.serve is not None and self.serve.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.post(
-                    f"{self.panel_url}/panel/workers/{WORKER}/stop", timeout=30, trust_env=False
+                    f"{self.panel_url}/panel/workers/{WORKER}/stop",
+                    headers=self.admin,
+                    timeout=30,
+                    trust_env=False,
                 )
             self.serve.send_signal(signal.SIGTERM)
             try:
@@ -525,6 +561,11 @@ async def run(stack: Stack, args: argparse.Namespace) -> tuple[list[Target], lis
                 timeout=aiohttp.ClientTimeout(total=120),
             ),
             cpu[name],
+            headers=(
+                {**HEADERS, "Authorization": f"Bearer {stack.key}"}
+                if stack.key is not None and name in GPUPANEL
+                else HEADERS
+            ),
         )
         for name, url in urls.items()
     ]
@@ -691,6 +732,11 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the per-round figures here")
     parser.add_argument(
+        "--keys",
+        action="store_true",
+        help='gpupanel with auth = "keys", its routes called with a scoped API key',
+    )
+    parser.add_argument(
         "--profile", type=Path, help="run gpupanel serve under cProfile, stats to this file"
     )
     args = parser.parse_args()
@@ -711,6 +757,7 @@ def main() -> int:
             litellm,
             args.profile and args.profile.resolve(),
             tuple(m for m in args.serve_without.split(",") if m),
+            keys=args.keys,
         )
         try:
             stack.start()

@@ -28,11 +28,16 @@ def start(
     return _start(config=config, simulate=simulate, port=port)
 
 
-def connect(url: str | None = None, wait_s: float = 0.0) -> Panel:
-    """A Panel on a running control plane (default `$GPUPANEL_URL`, else 127.0.0.1:8765)."""
+def connect(
+    url: str | None = None, wait_s: float = 0.0, token: str | None = None, verify: Any = True
+) -> Panel:
+    """A Panel on a running control plane (default `$GPUPANEL_URL`, else 127.0.0.1:8765).
+    `token`: the admin token or an API key (else `$GPUPANEL_TOKEN`, or this host's stored
+    admin token); `verify`: an https control plane's certificate check (True, a PEM path,
+    an SSLContext, or False)."""
     from gpupanel.client import connect as _connect
 
-    return _connect(url=url, wait_s=wait_s)
+    return _connect(url=url, wait_s=wait_s, token=token, verify=verify)
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gpupanel._version import __version__
-from gpupanel.core.config import DEFAULT_PANEL_PORT
+from gpupanel.core.config import DEFAULT_PANEL_PORT, PanelSettings
 from gpupanel.core.defaults import DEFAULT_DASHBOARD_PORT, DEFAULT_PANEL_URL, URL_ENV
 from gpupanel.core.model import GpuSample
 from gpupanel.core.snapshot import Snapshot
@@ -20,6 +22,7 @@ from gpupanel.core.worker import WorkerState
 from gpupanel.errors import GpuPanelError, NoDriverError
 
 if TYPE_CHECKING:
+    from gpupanel.adapters.keys import ApiKey
     from gpupanel.client import Panel
 
 
@@ -88,6 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind_panel_socket(panel.host, panel.port)
     kind = "SIMULATED workstation" if backend.simulated else "workstation"
     print(f"gpupanel {__version__} on a {kind} with {len(gpus)} GPU(s); config: {config.source}")
+    for line in access_lines(plane.config.panel, plane.url, plane.node.store.directory):
+        print(line)
     print(f"  panel API  {plane.url}/panel/snapshot")
     for w in config.workers:
         print(
@@ -104,6 +109,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_loop(main())
     print("gpupanel stopped; workers keep running (a new `gpupanel serve` adopts them).")
     return 0
+
+
+def access_lines(panel: PanelSettings, url: str, state_dir: Path) -> list[str]:
+    """What `gpupanel serve` says, once, about who may reach it and with what: where it
+    listens beyond loopback, TLS, and where the admin token is (never the token itself:
+    it is in a file only its user can read)."""
+    from gpupanel.adapters.token import TOKEN_FILE
+    from gpupanel.services.runtime import LOOPBACK, WILDCARDS
+
+    lines = []
+    if panel.host not in LOOPBACK:
+        scheme = "https" if panel.tls_cert else "http"
+        wildcard = panel.host in WILDCARDS
+        name = socket.gethostname() if wildcard else panel.host
+        name = f"[{name}]" if ":" in name else name
+        where = "every interface" if wildcard else panel.host
+        lines.append(
+            f"  listening  on {where}, port {panel.port}: {scheme}://{name}:{panel.port} "
+            "from other hosts (workers stay on loopback)"
+        )
+        if not panel.tls_cert:
+            lines.append(
+                "  warning    no TLS: keys and the admin token cross the network in clear "
+                "text; set tls_cert and tls_key in [panel]"
+            )
+    if panel.auth == "keys":
+        lines.append(
+            f"  admin token  in {state_dir / TOKEN_FILE} (only this user can read it): this "
+            "host's CLI, gpupanel.connect() and %load_ext gpupanel use it from there"
+        )
+        lines.append(
+            f"               elsewhere, send `Authorization: Bearer <admin token>` to {url}"
+            "/panel, or set $GPUPANEL_TOKEN for the CLI and Python client; apps use API keys "
+            "(`gpupanel keys create NAME`)"
+        )
+    return lines
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -207,6 +248,226 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+_AUDIT_SHOWN = frozenset(("time", "caller", "caller_kind", "action", "outcome", "status")) | {
+    "worker",
+    "model",
+    "pid",
+    "app",
+}
+"""Fields of an audit entry that its line shows already (the rest follow as `name=value`)."""
+
+
+def _printable(value: object) -> str:
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(value))
+
+
+def format_audit(entry: dict[str, Any]) -> str:
+    """One audit entry as a line: time, caller, action, outcome, then its other details
+    (`force=True`, `via=proxy`, ...). Names taken from requests are printed with their
+    control characters escaped."""
+    when = entry.get("time")
+    shown = (
+        datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M:%S")
+        if isinstance(when, (int, float))
+        else "?"
+    )
+    caller, action, outcome = (
+        _printable(entry.get(k, "?")) for k in ("caller", "action", "outcome")
+    )
+    extra = " ".join(
+        f"{_printable(k)}={_printable(v)}" for k, v in entry.items() if k not in _AUDIT_SHOWN
+    )
+    return f"{shown}  {caller:<16} {action:<40} {outcome}" + (f"  {extra}" if extra else "")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from gpupanel.adapters.audit import AUDIT_FILE, AuditLog
+    from gpupanel.client import local_state_dir
+
+    if args.lines < 1:
+        raise GpuPanelError(f"--lines must be at least 1, got {args.lines}")
+    state_dir = local_state_dir(args.config, strict=True)
+    log = AuditLog(state_dir)
+    try:
+        entries = log.tail(args.lines)
+    except OSError as exc:
+        raise GpuPanelError(f"cannot read the audit log {log.path}: {exc.strerror}") from None
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry))
+        return 0
+    if not entries:
+        print(f"no control actions recorded yet ({state_dir / AUDIT_FILE})")
+        return 0
+    for entry in entries:
+        print(format_audit(entry))
+    return 0
+
+
+# ---- gpupanel keys: API keys, in the state directory (docs/security.md, "API keys") ----------
+
+_EXPIRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_expiry(text: str) -> float:
+    """Seconds from a `--expires` value: a whole number and one unit of s, m, h, d, w
+    (`30d`, `12h`, `2w`); GpuPanelError naming the form otherwise."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _EXPIRY_UNITS or not number.isascii() or not number.isdigit():
+        raise GpuPanelError(
+            f"--expires {text!r}: give a whole number and a unit, s, m, h, d or w (e.g. 30d)"
+        )
+    seconds = int(number) * _EXPIRY_UNITS[unit]
+    if not 0 < seconds <= 100 * 365 * 86400:
+        raise GpuPanelError(f"--expires {text!r}: from 1 s to 100 years")
+    return float(seconds)
+
+
+def _names_arg(text: str | None, what: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise GpuPanelError(f"--{what}: give one or more names separated by commas")
+    return names
+
+
+def _keys_panel(config_file: str | None) -> tuple[PanelSettings, Path]:
+    """The `[panel]` settings of the config `gpupanel serve` would read here (validated),
+    and the state directory they name: where the keys live."""
+    from gpupanel.adapters.config_file import find_config
+    from gpupanel.adapters.state import default_state_dir
+    from gpupanel.client import local_panel_settings
+    from gpupanel.core.config import parse_config
+
+    raw = local_panel_settings(config_file, strict=True)
+    path = find_config(config_file)
+    panel = parse_config({"panel": raw}, str(path or "<default>"), ()).panel
+    return panel, Path(panel.state_dir) if panel.state_dir else default_state_dir()
+
+
+def _when(t: float | None, never: str = "never") -> str:
+    return never if t is None else datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+
+
+def _audit_keys(state_dir: Path, action: str, outcome: str, **detail: Any) -> None:
+    """One line in the audit log for a key created or revoked here (caller `local`, with the
+    OS user); a log that cannot be written is a warning, not a failed command."""
+    import getpass
+
+    from gpupanel.adapters.audit import AuditLog
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = str(os.getuid())
+    try:
+        AuditLog(state_dir).append("local", action, outcome, user=user, via="cli", **detail)
+    except OSError as exc:
+        print(f"gpupanel: warning: audit log not written: {exc.strerror or exc}", file=sys.stderr)
+
+
+def format_keys(keys: Sequence[ApiKey], now: float) -> str:
+    """A table of keys: never a secret (only each one's first characters)."""
+    rows = [("NAME", "PREFIX", "STATE", "WORKERS", "MODELS", "IN FLIGHT", "CREATED", "EXPIRES")]
+    for k in keys:
+        rows.append(
+            (
+                k.name,
+                k.prefix + "...",
+                k.state(now) + ("" if k.revoked is None else f" {_when(k.revoked)}"),
+                ",".join(k.workers) if k.workers is not None else "any",
+                ",".join(k.models) if k.models is not None else "any",
+                str(k.max_inflight) if k.max_inflight is not None else "any",
+                _when(k.created),
+                _when(k.expires),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import time
+
+    from gpupanel.adapters.keys import KeyStore
+
+    panel, state_dir = _keys_panel(args.config)
+    store = KeyStore(state_dir)
+    now = time.time()
+    if args.action == "list":
+        keys = store.read()
+        if args.json:
+            shown = [
+                {
+                    **{k: v for k, v in key.to_json().items() if k != "sha256"},
+                    "state": key.state(now),
+                }
+                for key in keys
+            ]
+            print(json.dumps(shown, indent=2))
+        elif keys:
+            print(format_keys(keys, now))
+        else:
+            print(f"no API keys in {state_dir} (`gpupanel keys create NAME` makes one)")
+        return 0
+    if args.action == "revoke":
+        try:
+            key, was_active = store.revoke(args.name, now)
+        except GpuPanelError as exc:
+            _audit_keys(state_dir, "keys.revoke", "error", key=args.name, error=str(exc))
+            raise
+        if key.revoked != now:
+            print(
+                f"API key {key.name!r} ({key.prefix}...) was already revoked on {_when(key.revoked)}"
+            )
+            return 0
+        _audit_keys(state_dir, "keys.revoke", "ok", key=key.name, prefix=key.prefix)
+        state = "" if was_active else " (it had expired already)"
+        print(
+            f"revoked API key {key.name!r} ({key.prefix}...){state}: a running control plane "
+            "refuses it from its next request"
+        )
+        return 0
+    expires = None if args.expires is None else now + parse_expiry(args.expires)
+    workers, models = _names_arg(args.workers, "workers"), _names_arg(args.models, "models")
+    scope = {
+        "workers": workers,
+        "models": models,
+        "max_inflight": args.max_inflight,
+        "expires": expires,
+    }
+    try:
+        key, secret = store.create(args.name, now, workers, models, args.max_inflight, expires)
+    except GpuPanelError as exc:
+        _audit_keys(state_dir, "keys.create", "error", key=args.name, error=str(exc), **scope)
+        raise
+    _audit_keys(state_dir, "keys.create", "ok", key=key.name, prefix=key.prefix, **scope)
+    limit = "any number" if key.max_inflight is None else f"at most {key.max_inflight}"
+    host = f"[{panel.host}]" if ":" in panel.host else panel.host
+    url = f"{'https' if panel.tls_cert else 'http'}://{host}:{panel.port}"
+    print(
+        f"# API key {key.name!r} ({key.prefix}...) for app {key.name!r}: workers "
+        f"{', '.join(key.workers) if key.workers is not None else 'any'}; models "
+        f"{', '.join(key.models) if key.models is not None else 'any'}; {limit} in flight; "
+        f"expires {_when(key.expires)}"
+    )
+    print("# The secret is shown only now (gpupanel keeps only its hash): store it.")
+    print(f"export OPENAI_API_KEY={secret}")
+    print(f"export OPENAI_BASE_URL={url}/v1")
+    print(
+        f'# ollama: Client(host="{url}/proxy/<worker>", '
+        'headers={"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"]})'
+    )
+    if panel.auth != "keys":
+        print(
+            f'gpupanel: note: [panel] auth is "{panel.auth}" here, so keys are not checked: '
+            'set auth = "keys" in [panel] of gpupanel.toml',
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     if args.runtime == "ollama":
         from gpupanel.sim import ollama
@@ -251,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="gpupanel.toml (default: $GPUPANEL_CONFIG, ./gpupanel.toml)",
     )
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        help='address to listen on (default 127.0.0.1; beyond loopback only with auth = "keys")',
+    )
     p.add_argument("--port", type=int, help=f"panel port (default {DEFAULT_PANEL_PORT})")
     _add_simulate(p)
     p.set_defaults(func=cmd_serve)
@@ -317,6 +581,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _add_url(p)
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("audit", help="the last control actions (the audit log of this host)")
+    p.add_argument("--lines", "-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    p.add_argument("--json", action="store_true", help="the entries as JSON lines")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="gpupanel.toml naming the state directory (default: $GPUPANEL_CONFIG, "
+        "./gpupanel.toml)",
+    )
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("keys", help="API keys per app: create, list, revoke")
+    keys = p.add_subparsers(dest="action", required=True)
+    k = keys.add_parser("create", help="make a key; its secret is printed once")
+    k.add_argument("name", help="the key's app name (1-64 of A-Z a-z 0-9 _ . @ : / -)")
+    k.add_argument("--workers", metavar="A,B", help="only these workers (default: any)")
+    k.add_argument("--models", metavar="M1,M2", help="only these models (default: any)")
+    k.add_argument(
+        "--max-inflight", dest="max_inflight", type=int, metavar="N", help="requests in flight"
+    )
+    k.add_argument("--expires", metavar="30d", help="lifetime: N and s, m, h, d or w")
+    k = keys.add_parser("list", help="the keys (never a secret)")
+    k.add_argument("--json", action="store_true", help="print JSON")
+    k = keys.add_parser("revoke", help="refuse a key from now on")
+    k.add_argument("name", help="the key's name")
+    for k in keys.choices.values():
+        k.add_argument("--config", metavar="FILE", help="gpupanel.toml naming the state directory")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("sim", help="simulated workstation programs")
     p.add_argument("runtime", choices=["ollama"], help="which simulated server")

@@ -10,6 +10,11 @@ which sees the Panel only as a `gpupanel.ui.source.PanelSource`) and below what 
 (`gpupanel.cli`, `gpupanel.magics`, `gpupanel.dashboard`, `gpupanel.launchers`). The
 control plane itself (`gpupanel.api`, `gpupanel.services`) is imported only by `start()`
 and for types, so importing the client stays cheap.
+
+Credentials (docs/security.md, "The admin token"): a Panel sends `Authorization: Bearer
+<token>` when it has a token: the one given, else `$GPUPANEL_TOKEN`, else, for a control
+plane on this host, the admin token in the state directory `gpupanel serve` uses here. A
+token is never part of a URL, a message or a repr.
 """
 
 from __future__ import annotations
@@ -18,15 +23,18 @@ import atexit
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+import ssl
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+from urllib.parse import quote, urlsplit
 
 import httpx
 
-from gpupanel.core.defaults import DEFAULT_PANEL_PORT, DEFAULT_PANEL_URL, LOOPBACK, URL_ENV
+from gpupanel.core.defaults import DEFAULT_PANEL_PORT, DEFAULT_PANEL_URL, TOKEN_ENV, URL_ENV
 from gpupanel.core.snapshot import Snapshot
-from gpupanel.errors import GpuPanelError
+from gpupanel.errors import ConfigError, GpuPanelError
 
 if TYPE_CHECKING:
     from gpupanel.api.schemas import JsonBody
@@ -36,6 +44,12 @@ if TYPE_CHECKING:
 SNAPSHOT_TIMEOUT_S = 5.0
 """A snapshot is cheap: waiting longer means the control plane hangs (say so, retry)."""
 
+Verify = Union[bool, str, "os.PathLike[str]", ssl.SSLContext]
+"""How a Panel checks an https control plane's certificate: True (the system's trust store;
+for a control plane on this host, its own `[panel] tls_cert` from the local config), a path
+(a PEM file of the certificates to trust, e.g. the self-signed one), an SSLContext, or False
+(no check)."""
+
 
 class PanelError(GpuPanelError):
     """The control plane refused or failed a call; `status` is its HTTP status."""
@@ -43,6 +57,131 @@ class PanelError(GpuPanelError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+# ---- where the control plane of this host keeps its state, and its credentials ------------
+
+
+def local_panel_settings(config_file: str | None = None, strict: bool = False) -> dict[str, Any]:
+    """The `[panel]` table of the config `gpupanel serve` would read here (`config_file`,
+    `$GPUPANEL_CONFIG`, `./gpupanel.toml`), as written, unvalidated; {} without one. A file
+    that cannot be read or parsed is a ConfigError with `strict`, else counts as none."""
+    from gpupanel.adapters.config_file import find_config
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    try:
+        path = find_config(config_file)
+        if path is None:
+            return {}
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except ValueError as exc:  # not UTF-8, or not TOML
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ConfigError:
+        if strict:
+            raise
+        return {}
+    panel = data.get("panel")
+    return panel if isinstance(panel, dict) else {}
+
+
+def local_state_dir(config_file: str | None = None, strict: bool = False) -> Path:
+    """The state directory of the control plane `gpupanel serve` would run here: `[panel]
+    state_dir` of the config, else `$XDG_STATE_HOME/gpupanel` (docs/api.md, `[panel]`)."""
+    from gpupanel.adapters.state import default_state_dir
+
+    named = local_panel_settings(config_file, strict).get("state_dir")
+    return Path(named) if isinstance(named, str) and named else default_state_dir()
+
+
+def on_this_host(url: str) -> bool:
+    """Whether `url` names this host: a loopback address or `localhost`, this host's name,
+    or the address the local config's `[panel] host` binds to. Only such a control plane is
+    sent the admin token of the local state directory."""
+    import ipaddress
+    import socket
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        if host == socket.gethostname().lower():
+            return True
+    configured = local_panel_settings().get("host")
+    return isinstance(configured, str) and host == configured.lower()
+
+
+def resolve_token(url: str, token: str | None = None) -> tuple[str | None, str]:
+    """The token to send to the control plane at `url`, and where it came from (for messages; never the token itself): `token`, else
+    `$GPUPANEL_TOKEN`, else the admin token stored here, for a control plane on this host."""
+    if token:
+        return token, "given to connect()"
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env, f"from ${TOKEN_ENV}"
+    if on_this_host(url):
+        from gpupanel.adapters.token import TOKEN_FILE, read_admin_token
+
+        state_dir = local_state_dir()
+        stored = read_admin_token(state_dir)
+        if stored:
+            return stored, f"from {state_dir / TOKEN_FILE}"
+    return None, ""
+
+
+def pinned_context(cert: str | os.PathLike[str]) -> ssl.SSLContext:
+    """Trust exactly the certificate(s) in `cert` (a PEM file), whatever name they are for:
+    how a client on this host checks its own control plane's certificate through loopback."""
+    context = ssl.create_default_context(cafile=os.fspath(cert))
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
+def resolve_verify(url: str, verify: Verify = True) -> bool | ssl.SSLContext:
+    """What httpx checks an https `url`'s certificate with (see `Verify`)."""
+    if isinstance(verify, (bool, ssl.SSLContext)):
+        if verify is True and url.startswith("https:") and on_this_host(url):
+            cert = local_panel_settings().get("tls_cert")
+            if isinstance(cert, str) and cert:
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    return pinned_context(cert)
+        return verify
+    try:
+        context = ssl.create_default_context(cafile=os.fspath(verify))
+    except (OSError, ssl.SSLError) as exc:
+        raise PanelError(f"verify={os.fspath(verify)!r}: cannot load certificates: {exc}") from None
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
+def auth_hint(status: int, source: str) -> str:
+    """What to do after a 401/403 for want of credentials (never the token itself)."""
+    if source:
+        return (
+            f"the token {source} was refused (HTTP {status}): use the admin token of that "
+            "control plane (its state directory's admin-token file), or an API key allowed "
+            "to do this"
+        )
+    return (
+        f"HTTP {status}: this control plane needs credentials: pass token=... to "
+        f"gpupanel.connect(), or set ${TOKEN_ENV} (the admin token is the admin-token file in "
+        "the state directory of the control plane's host)"
+    )
+
+
+AUTH_CODES = frozenset({"admin_only"})
+"""403 codes that are about credentials (api/auth.py: an API key on an admin route); a 401
+always is."""
 
 
 def _body(schema: type[JsonBody], /, **fields: Any) -> dict[str, Any]:
@@ -61,10 +200,26 @@ def _body(schema: type[JsonBody], /, **fields: Any) -> dict[str, Any]:
 class Panel:
     """A handle on one control plane: telemetry, worker control, model loading."""
 
-    def __init__(self, url: str, plane: ControlPlane | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        plane: ControlPlane | None = None,
+        timeout: float = 600.0,
+        token: str | None = None,
+        verify: Verify = True,
+        token_source: str = "",
+    ) -> None:
         self.url = url.rstrip("/")
         self.plane = plane
-        self.http = httpx.Client(base_url=self.url, timeout=timeout, trust_env=False)
+        self._token_source = (token_source or "given to Panel()") if token else ""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(
+            base_url=self.url,
+            timeout=timeout,
+            trust_env=False,
+            headers=headers,
+            verify=resolve_verify(self.url, verify),
+        )
 
     def __repr__(self) -> str:
         where = "in this process" if self.plane else "remote"
@@ -93,15 +248,29 @@ class Panel:
         try:
             body = response.json()
         except ValueError:
+            if response.status_code in (401, 403):
+                raise self._refused(response.status_code, f"{self.url}{path} refused") from None
             raise PanelError(
                 f"{self.url}{path} answered {response.status_code} without JSON",
                 response.status_code,
             ) from None
         if response.status_code >= 400:
-            error = body.get("error") if isinstance(body, dict) else None
-            message = error.get("message") if isinstance(error, dict) else str(error or body)
-            raise PanelError(str(message), response.status_code)
+            raise self._error(response.status_code, body)
         return body
+
+    def _error(self, status: int, body: Any) -> PanelError:
+        """The PanelError of an error answer (`{"error": {"message", "code"}}`)."""
+        error = body.get("error") if isinstance(body, Mapping) else None
+        message = error.get("message") if isinstance(error, Mapping) else str(error or body)
+        code = error.get("code") if isinstance(error, Mapping) else None
+        if status == 401 or (status == 403 and code in AUTH_CODES):
+            return self._refused(status, str(message))
+        return PanelError(str(message), status)
+
+    def _refused(self, status: int, message: str) -> PanelError:
+        return PanelError(
+            f"{message.rstrip('. ')}; {auth_hint(status, self._token_source)}", status
+        )
 
     # ---- telemetry -----------------------------------------------------------------------
 
@@ -238,11 +407,11 @@ class Panel:
             with self.http.stream("POST", f"/panel/workers/{worker_id}/pull", json=body) as r:
                 if r.status_code >= 400:
                     r.read()
-                    error = r.json().get("error", {})
-                    raise PanelError(
-                        error.get("message", r.text) if isinstance(error, dict) else str(error),
-                        r.status_code,
-                    )
+                    try:
+                        answer = r.json()
+                    except ValueError:
+                        answer = {"error": {"message": r.text}}
+                    raise self._error(r.status_code, answer)
                 for raw in r.iter_lines():
                     if raw:
                         line = json.loads(raw)
@@ -287,28 +456,69 @@ class Panel:
 _running: dict[str, Panel] = {}
 
 
-def answers(url: str) -> bool:
-    """Does a healthy gpupanel control plane answer at `url`?"""
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        r = httpx.get(f"{url}/panel/health", timeout=2.0, trust_env=False)
-        return r.status_code == 200 and r.json().get("status") == "ok"
-    return False
+def _health(panel: Panel) -> tuple[int | None, Any, str]:
+    """`/panel/health` through `panel`: its status (200 only when it says ok) and JSON body,
+    or None and why (for a message) when nothing answers as gpupanel does."""
+    try:
+        r = panel.http.get("/panel/health", timeout=2.0)
+        body = r.json()
+        if r.status_code != 200 or (isinstance(body, dict) and body.get("status") == "ok"):
+            return r.status_code, body, ""
+    except httpx.HTTPError as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return (
+                None,
+                None,
+                (
+                    f" (its TLS certificate is not trusted here: {exc}; pass verify= the "
+                    "certificate's PEM file to gpupanel.connect())"
+                ),
+            )
+    except ValueError:
+        pass
+    return None, None, ""
 
 
-def connect(url: str | None = None, wait_s: float = 0.0) -> Panel:
-    """A Panel on the control plane at `url` (default `$GPUPANEL_URL`, else 127.0.0.1:8765)."""
+def answers(url: str, token: str | None = None, verify: Verify = True) -> bool:
+    """Does a gpupanel control plane answer at `url`: healthy, or refusing this caller for
+    want of credentials (401/403, which `connect` then explains)?"""
+    probe = Panel(url, token=token, verify=verify)
+    try:
+        return _health(probe)[0] in (200, 401, 403)
+    finally:
+        probe.http.close()
+
+
+def connect(
+    url: str | None = None,
+    wait_s: float = 0.0,
+    token: str | None = None,
+    verify: Verify = True,
+) -> Panel:
+    """A Panel on the control plane at `url` (default `$GPUPANEL_URL`, else 127.0.0.1:8765),
+    waiting up to `wait_s` for it to answer. `token`: the admin token or an API key (else
+    `$GPUPANEL_TOKEN`, or for a control plane on this host its stored admin token);
+    `verify`: how to check an https control plane's certificate (see `Verify`)."""
     import time
 
     url = (url or os.environ.get(URL_ENV) or DEFAULT_PANEL_URL).rstrip("/")
+    token, source = resolve_token(url, token)
+    panel = Panel(url, token=token, verify=verify, token_source=source)
     deadline = time.monotonic() + wait_s
-    while not answers(url):
+    while True:
+        status, body, why = _health(panel)
+        if status == 200:
+            return panel
+        if status is not None and status >= 400 and isinstance(body, dict) and "error" in body:
+            panel.http.close()
+            raise panel._error(status, body)  # gpupanel answered, and refused
         if time.monotonic() >= deadline:
+            panel.http.close()
             raise PanelError(
-                f"no gpupanel control plane answers at {url}; start one with `gpupanel serve` "
-                "(or gpupanel.start() in a notebook)"
+                f"no gpupanel control plane answers at {url}{why}; start one with "
+                "`gpupanel serve` (or gpupanel.start() in a notebook)"
             )
         time.sleep(0.5)
-    return Panel(url)
 
 
 def start(
@@ -319,21 +529,40 @@ def start(
     """Start the control plane in a background thread of this process, or attach to the one
     already serving the port. `simulate=True` (or a spec such as "2x24,2x48") uses a
     simulated workstation; `config` is a gpupanel.toml path."""
+    from gpupanel.adapters.state import default_state_dir
+    from gpupanel.adapters.token import TOKEN_FILE, ensure_admin_token, read_admin_token
     from gpupanel.api.build import control_plane
     from gpupanel.services.runtime import PanelPortBusy
 
     spec = None if simulate is False else ("" if simulate is True else str(simulate))
-    url = f"http://{LOOPBACK}:{port or DEFAULT_PANEL_PORT}"
-    if url in _running and _running[url].plane is not None:
-        return _running[url]
+    wanted = port or DEFAULT_PANEL_PORT
+    for running in _running.values():
+        if running.plane is not None and running.plane.config.panel.port == wanted:
+            return running
     plane = control_plane(config, spec, port=port)
+    settings = plane.config.panel
+    state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
+    verify: Verify = pinned_context(settings.tls_cert) if settings.tls_cert else True
+    try:
+        if settings.auth == "keys":
+            token: str | None = ensure_admin_token(state_dir)
+        else:
+            token = read_admin_token(state_dir)  # the owner of the port may have keys on
+    except OSError as exc:
+        raise GpuPanelError(
+            f"cannot store the admin token in {state_dir}: {exc.strerror or exc}"
+        ) from None
+    source = f"from {state_dir / TOKEN_FILE}" if token else ""
+    token, source = (token, source) if token else resolve_token(plane.url)
     try:
         plane.start_in_thread()
     except PanelPortBusy:
-        if answers(plane.url):
-            return Panel(plane.url)  # one owner per host: attach to it
+        if answers(plane.url, token, verify):  # one owner per host: attach to it
+            return Panel(plane.url, token=token, verify=verify, token_source=source)
         raise
-    panel = _running[plane.url] = Panel(plane.url, plane)
+    panel = _running[plane.url] = Panel(
+        plane.url, plane, token=token, verify=verify, token_source=source
+    )
     return panel
 
 

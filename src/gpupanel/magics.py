@@ -9,6 +9,10 @@ and are adopted by the next start. Configurable like IPython's storemagic:
     %config GpuPanelMagics.port = 8765
     %config GpuPanelMagics.config_file = "gpupanel.toml"
     %config GpuPanelMagics.show_on_load = True
+
+Credentials are `gpupanel.start()`'s: the admin token of the control plane it starts (or of
+this host's state directory, when it attaches to one that runs already), else
+`$GPUPANEL_TOKEN`; a refusal prints one line saying how to pass one, never the token.
 """
 
 from __future__ import annotations

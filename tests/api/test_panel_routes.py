@@ -697,13 +697,14 @@ async def test_cross_origin_mutation_of_the_panel_is_403(rig: Rig) -> None:
     err = panel_error(await rig.client.post("/panel/workers/a/stop", headers=evil), 403)
     assert err["code"] == "cross_origin" and "evil.example" in err["message"]
     assert rig.node.calls == []
-    # Reading is fine from anywhere (no CORS headers, so a page cannot read the answer).
+    # Reading from a foreign page is refused too (tests/api/test_origins.py has the rest).
     r = await rig.client.get("/panel/health", headers=evil)
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     # Same origin, or another loopback origin, may mutate.
     for origin in ("http://127.0.0.1:8765", "http://localhost:3000", "http://[::1]:8888"):
         r = await rig.client.post("/panel/workers/a/restart", headers={"origin": origin})
         assert r.status_code == 200, origin
+        assert r.headers["access-control-allow-origin"] == origin
     assert rig.node.called("restart") == [("a",)] * 3
 
 

@@ -4,6 +4,7 @@ addresses and environment names are defined once (gpupanel.core.defaults)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -27,7 +28,12 @@ def test_zero_config_ports_start_at_the_default_worker_port() -> None:
 
 
 def test_every_panel_field_is_a_known_key() -> None:
-    panel = {f.name: getattr(PanelSettings(), f.name) for f in dataclasses.fields(PanelSettings)}
+    defaults = PanelSettings()
+    # as TOML gives them: lists, not tuples
+    panel = {
+        f.name: list(v) if isinstance(v := getattr(defaults, f.name), tuple) else v
+        for f in dataclasses.fields(PanelSettings)
+    }
     panel["state_dir"] = "/tmp/state"
     cfg = parse_config({"panel": panel}, "f.toml", GPUS)
     assert cfg.panel == PanelSettings(state_dir="/tmp/state")
@@ -86,3 +92,22 @@ def test_app_expiry_must_be_a_positive_finite_number_of_seconds(value: object) -
     assert str(info.value) == (
         f"f.toml: [panel]: field 'app_expiry_s' must be a number from 1 to 31536000, got {value!r}"
     )
+
+
+def test_sharing_fields_are_validated_at_load() -> None:
+    panel = parse_config(
+        {"panel": {"allowed_origins": ["HTTPS://Notes.Example.org"], "auth": "keys"}},
+        "f.toml",
+        GPUS,
+    ).panel
+    assert (panel.allowed_origins, panel.auth) == (("https://notes.example.org",), "keys")
+    bad = [
+        ({"auth": "on"}, "field 'auth' must be \"off\""),
+        ({"allowed_origins": ["https://a.org/path"]}, "an origin is scheme://host[:port]"),
+        ({"allowed_origins": ["notes.example.org"]}, "an origin is scheme://host[:port]"),
+        ({"allowed_origins": "https://a.org"}, "field 'allowed_origins' must be a list"),
+        ({"tls_cert": "/etc/cert.pem"}, "fields 'tls_cert' and 'tls_key' go together"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config({"panel": fields}, "f.toml", GPUS)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +18,10 @@ import pytest
 
 import gpupanel
 from gpupanel import client
+from gpupanel.adapters.token import ensure_admin_token
 from gpupanel.client import Panel, PanelError
 from gpupanel.core.snapshot import Snapshot
+from gpupanel.errors import GpuPanelError
 from gpupanel.magics import status_text
 from tests.ui.test_widget_units import synthetic
 
@@ -163,3 +167,110 @@ def test_bad_bodies_are_refused_before_anything_is_sent(
         call(panel)
     assert raised.value.status == 400
     assert recorder.seen == []
+
+
+# ---- credentials (docs/security.md, "The admin token") -----------------------------------------
+
+SECRET = "gpt-never-shown-anywhere"
+
+
+@pytest.fixture
+def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory without gpupanel.toml and a state directory of its own."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("GPUPANEL_TOKEN", raising=False)
+    monkeypatch.delenv("GPUPANEL_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_token_comes_from_the_argument_the_environment_or_this_hosts_state(
+    here: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = "http://127.0.0.1:8765"
+    assert client.resolve_token(local) == (None, "")
+    stored = ensure_admin_token(here / "xdg" / "gpupanel")
+    assert client.resolve_token(local) == (stored, f"from {here / 'xdg/gpupanel/admin-token'}")
+    assert client.resolve_token("http://localhost:1")[0] == stored
+    assert client.resolve_token(f"http://{socket.gethostname()}:8765")[0] == stored
+    # The stored admin token is never sent to another host.
+    assert client.resolve_token("http://gpu-box.example.org:8765") == (None, "")
+    assert client.resolve_token("https://10.9.8.7:8765") == (None, "")
+    monkeypatch.setenv("GPUPANEL_TOKEN", "from-env")
+    assert client.resolve_token(local) == ("from-env", "from $GPUPANEL_TOKEN")
+    assert client.resolve_token("http://gpu-box.example.org") == (
+        "from-env",
+        "from $GPUPANEL_TOKEN",
+    )
+    assert client.resolve_token(local, "given") == ("given", "given to connect()")
+
+
+def test_the_state_directory_and_host_are_those_of_the_local_config(here: Path) -> None:
+    (here / "gpupanel.toml").write_text('[panel]\nstate_dir = "mine"\nhost = "10.9.8.7"\n')
+    assert client.local_state_dir() == Path("mine")
+    token = ensure_admin_token(Path("mine"))
+    assert client.resolve_token("https://10.9.8.7:8765")[0] == token  # the address it binds
+    assert client.resolve_token("http://[::1]:8765")[0] == token
+    (here / "gpupanel.toml").write_text("[panel\n")  # unreadable: as if there were none
+    assert client.local_state_dir() == here / "xdg" / "gpupanel"
+    with pytest.raises(GpuPanelError, match=re.escape("gpupanel.toml: not valid TOML: Expected")):
+        client.local_state_dir(strict=True)
+
+
+def authed(handler: Any, token: str | None, source: str = "") -> Panel:
+    """A Panel with a token on a mocked control plane (the token's header kept)."""
+    panel = Panel("http://gpupanel.test", token=token, token_source=source)
+    headers = panel.http.headers
+    panel.http.close()
+    transport = httpx.MockTransport(handler)
+    panel.http = httpx.Client(base_url=panel.url, transport=transport, headers=headers)
+    return panel
+
+
+def refusing(status: int, code: str | None) -> Any:
+    def handler(request: httpx.Request) -> httpx.Response:
+        error = {"message": "refused here.", "type": "x", "code": code}
+        return httpx.Response(status, json={"error": error})
+
+    return handler
+
+
+def test_a_refusal_for_credentials_says_how_to_pass_them_and_never_shows_the_token() -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return refusing(401, "unauthorized")(request)
+
+    panel = authed(handler, None)
+    with pytest.raises(PanelError) as err:
+        panel.workers  # noqa: B018
+    assert err.value.status == 401 and seen == [None]
+    assert str(err.value).startswith("refused here; HTTP 401: this control plane needs")
+    assert "token=... to gpupanel.connect(), or set $GPUPANEL_TOKEN" in str(err.value)
+
+    panel = authed(handler, SECRET, "from $GPUPANEL_TOKEN")
+    with pytest.raises(PanelError) as err:
+        panel.restart("a")
+    assert seen[-1] == f"Bearer {SECRET}"
+    assert "the token from $GPUPANEL_TOKEN was refused (HTTP 401)" in str(err.value)
+    with pytest.raises(PanelError) as err:
+        list(panel.pull_lines("a", "m"))
+    assert err.value.status == 401 and "was refused" in str(err.value)
+    assert SECRET not in str(err.value) and SECRET not in repr(panel)
+
+    panel = authed(refusing(403, "admin_only"), SECRET, "given to connect()")
+    with pytest.raises(
+        PanelError, match=re.escape("the token given to connect() was refused (HTTP 403)")
+    ):
+        panel.ensure()
+    panel = authed(refusing(403, "host_not_allowed"), SECRET)
+    with pytest.raises(PanelError) as err:
+        panel.ensure()
+    assert str(err.value) == "refused here."  # not about credentials: no hint
+
+
+def test_an_https_control_plane_is_checked_with_the_certificate_given(tmp_path: Path) -> None:
+    with pytest.raises(PanelError, match=r"verify='.*missing.pem': cannot load certificates"):
+        Panel("https://127.0.0.1:1", verify=tmp_path / "missing.pem")
+    assert Panel("https://127.0.0.1:1", verify=False).http is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import stat
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["CONFIG_ENV", "check_files", "find_config", "load_config"]
+__all__ = ["CONFIG_ENV", "check_files", "check_tls", "find_config", "load_config"]
 
 
 def find_config(explicit: str | None = None) -> Path | None:
@@ -66,13 +67,65 @@ def check_files(config: Config) -> None:
     PATH, as the launch will look it up) and its `model_path` is a readable file, so a typo
     is one line at load rather than a failed launch. The runtimes' own executables (used when
     `command` is not given) are not checked here: `--simulate` replaces Ollama's after load,
-    and a missing one is reported when the worker starts."""
+    and a missing one is reported when the worker starts. `[panel] tls_cert` and `tls_key`
+    must be readable PEM files that go together (`check_tls`)."""
+    panel = config.panel
+    if panel.tls_cert is not None and panel.tls_key is not None:
+        check_tls(panel.tls_cert, panel.tls_key, f"{config.source}: [panel]")
     for spec in config.workers:
         where = f"{config.source}: worker {spec.id!r}"
         if spec.command:
             _check_command(spec.command[0], where)
         if spec.model_path is not None:
             _check_model_path(spec.model_path, where)
+
+
+def _no_password() -> bytes:
+    """The password of an encrypted key: none (never a prompt on the terminal)."""
+    return b""
+
+
+def check_tls(cert: str, key: str, where: str) -> None:
+    """`cert` (the certificate chain) and `key` (its private key) are readable PEM files
+    that serve TLS together; a ConfigError naming the field (`where`: the file and table)
+    and the fix otherwise. The key's content is never part of a message."""
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        field = f"{where}: field {name!r} is"
+        if _is_dir(value, field, "give the path of a PEM file"):
+            raise ConfigError(f"{field} {_shown(value)}, which is a directory; name the file")
+        if not os.access(value, os.R_OK):
+            raise ConfigError(
+                f"{field} {_shown(value)}, which this user cannot read; check its permissions"
+            )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"{where}: fields 'tls_cert' {_shown(cert)} and 'tls_key' {_shown(key)} cannot "
+            f"serve TLS: {_tls_problem(cert, key, exc)}"
+        ) from None
+
+
+def _tls_problem(cert: str, key: str, exc: Exception) -> str:
+    """Why `cert` and `key` cannot be loaded together (OpenSSL's own reason says little)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError):
+        return "'tls_cert' is not a PEM certificate (chain)"
+    if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        return "the private key in 'tls_key' is not the certificate's"
+    try:
+        with open(key, "rb") as f:
+            head = f.read(4096)  # only looked at, never shown
+    except OSError:
+        head = b""
+    if b"ENCRYPTED" in head:
+        return (
+            "the private key is encrypted, and gpupanel needs it unencrypted (readable by "
+            "this user only), e.g. `openssl pkey -in KEY -out KEY.plain`"
+        )
+    return "'tls_key' is not the PEM private key of the certificate"
 
 
 def _shown(value: str) -> str:

@@ -1,9 +1,11 @@
 """The HTTP app: management API and proxy, behind the localhost guard.
 
 ```
-HostGuard -> /proxy/..., /v1/...  -> Proxy (raw ASGI, api/proxy.py)
-          -> everything else      -> BodyLimit -> the /panel FastAPI app (api/panel.py)
+HostGuard -> [Authenticate] -> /proxy/..., /v1/...  -> Proxy (raw ASGI, api/proxy.py)
+                            -> everything else      -> BodyLimit -> the /panel FastAPI app (api/panel.py)
 ```
+
+Authenticate (`api/auth.py`) is there with `[panel] auth = "keys"` only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpupanel.api import panel
+from gpupanel.api.auth import Authenticate, Credentials
 from gpupanel.api.errors import panel_response
 from gpupanel.api.limits import MAX_PANEL_BODY
 from gpupanel.api.proxy import Proxy
@@ -72,13 +75,17 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def build_app(plane: Plane, host: str) -> tuple[ASGIApp, Callable[[], Awaitable[None]]]:
+def build_app(
+    plane: Plane, host: str, credentials: Credentials | None = None
+) -> tuple[ASGIApp, Callable[[], Awaitable[None]]]:
     """The ASGI app of one plane served on `host` (the proxy's paths go straight to the
-    proxy), and what closes it (the proxy's upstream connections)."""
+    proxy), and what closes it (the proxy's upstream connections). With `credentials`
+    (`[panel] auth = "keys"`), every request is authenticated (`api/auth.py`) behind the
+    host and origin checks; without, every caller is LOCAL."""
     proxy = Proxy(plane)
     management = BodyLimit(panel.build(plane))
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def routes(scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path.startswith("/proxy/") or path.startswith("/v1/")):
             await proxy(scope, receive, send)
@@ -88,4 +95,5 @@ def build_app(plane: Plane, host: str) -> tuple[ASGIApp, Callable[[], Awaitable[
         else:
             await management(scope, receive, send)
 
-    return HostGuard(app, frozenset({host})), proxy.close
+    app: ASGIApp = routes if credentials is None else Authenticate(routes, credentials)
+    return HostGuard(app, frozenset({host}), plane.config.panel.allowed_origins), proxy.close

@@ -8,10 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from gpupanel.adapters.config_file import find_config, load_config
+from gpupanel.adapters.keys import KEYS_FILE, KeyRing
 from gpupanel.adapters.state import StateStore
+from gpupanel.adapters.token import ensure_admin_token
 from gpupanel.api.app import build_app
-from gpupanel.core.config import Config
-from gpupanel.errors import GpuPanelError
+from gpupanel.api.auth import Credentials
+from gpupanel.core.config import Config, PanelSettings
+from gpupanel.errors import ConfigError, StateError
 from gpupanel.services.runtime import LOOPBACK, ControlPlane
 from gpupanel.services.sampler import gpu_backend
 
@@ -39,11 +42,38 @@ def control_plane(
     if simulate is not None:
         config = config.with_command("ollama", SIM_OLLAMA)
     panel = replace(config.panel, host=host or config.panel.host, port=port or config.panel.port)
-    if panel.host not in LOOPBACK:
-        raise GpuPanelError(
-            f"refusing to listen on {panel.host}: beyond loopback the panel needs API keys, "
-            "which this version does not have yet; use 127.0.0.1 (the default)"
+    if panel.host not in LOOPBACK and panel.auth != "keys":
+        # docs/security.md, "Binding beyond loopback, TLS": reachable from the network only
+        # when every request must carry an API key or the admin token.
+        where = "gpupanel.toml" if config.source == "<default>" else config.source
+        raise ConfigError(
+            f"refusing to listen on {panel.host}: beyond loopback every request must carry "
+            f'credentials, and auth is "{panel.auth}"; set auth = "keys" in [panel] of '
+            f"{where} and create a key per app with `gpupanel keys create NAME`, or listen on "
+            "127.0.0.1 (the default)"
         )
     config = replace(config, panel=panel)
     store = StateStore(Path(panel.state_dir) if panel.state_dir else None)
-    return ControlPlane(config, backend, store, lambda plane: build_app(plane, panel.host))
+    credentials = _credentials(panel, store.directory)
+    return ControlPlane(
+        config, backend, store, lambda plane: build_app(plane, panel.host, credentials)
+    )
+
+
+def _credentials(panel: PanelSettings, state_dir: Path) -> Credentials | None:
+    """With `auth = "keys"`: the admin token (made now if the state directory has none) and
+    the API keys of `state_dir`; /panel reads need the admin token beyond loopback."""
+    if panel.auth != "keys":
+        return None
+    try:
+        token = ensure_admin_token(state_dir)
+    except OSError as exc:
+        raise StateError(
+            f"cannot write the admin token in {state_dir} ({exc.strerror or exc}): make the "
+            "state directory writable, or set state_dir in gpupanel.toml's [panel]"
+        ) from None
+    return Credentials(
+        admin_token=token,
+        keys=KeyRing(state_dir / KEYS_FILE),
+        panel_reads_need_admin=panel.host not in LOOPBACK,
+    )

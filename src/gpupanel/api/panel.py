@@ -52,6 +52,14 @@ Every request needs a loopback `Host` (or the configured host): otherwise 403
 (403 `cross_origin`). `/panel` bodies are JSON objects of at most 1 MiB (413
 `body_too_large`), nested at most 100 deep; errors are `{"error": {"message", "type",
 "code"}}`.
+
+With `[panel] auth = "keys"` every request carries `Authorization: Bearer <token>`: an API
+key (`gpupanel keys create`) on the proxy's routes and for `/panel` reads, the admin token
+(the file `admin-token` in the state directory) for anything; `/panel` writes need the admin
+token (403 `admin_only` with a key). Without credentials, or with an unknown, revoked or
+expired token: 401 with `WWW-Authenticate: Bearer`. Open without credentials:
+`/panel/health`, `/panel/docs`, `/panel/openapi.json`. With `auth = "off"` (the default,
+loopback only) no credentials are needed.
 """
 
 TAGS = [
@@ -61,7 +69,14 @@ TAGS = [
 
 _ERRORS = {
     400: "Invalid input: the message names the field and what it must be.",
-    403: "Forbidden: a foreign Host or Origin, another user's process.",
+    401: (
+        'With `auth = "keys"`: no credentials, or an unknown, revoked or expired token '
+        "(`unauthorized`, `invalid_api_key`); `WWW-Authenticate: Bearer`."
+    ),
+    403: (
+        "Forbidden: a foreign Host or Origin, another user's process; with "
+        '`auth = "keys"`, an API key on a route that needs the admin token (`admin_only`).'
+    ),
     404: "Not found: the worker, model, process, app or route.",
     409: "Conflict with the current state (a load that would not fit, a port taken, too many apps).",
     413: "The request body is over 1 MiB (`body_too_large`).",
@@ -71,11 +86,13 @@ _ERRORS = {
 }
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The error answers of a route: these, and those any route may give (403, 404, 413)."""
+def _errors(*statuses: int, open_route: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The error answers of a route: these, and those any route may give (401 unless the
+    route is open without credentials, 403, 404, 413)."""
+    always = {403, 404, 413} if open_route else {401, 403, 404, 413}
     return {
         status: {"model": s.PanelError, "description": _ERRORS[status]}
-        for status in sorted({403, 404, 413, *statuses})
+        for status in sorted({*always, *statuses})
     }
 
 
@@ -126,7 +143,11 @@ def _router(plane: Plane) -> APIRouter:
         return {w.id: jsonable(w) for w in plane.snapshot.workers}
 
     @router.get(
-        "/panel/health", response_model=s.HealthAnswer, responses=_errors(), summary="Health"
+        "/panel/health",
+        response_model=s.HealthAnswer,
+        responses=_errors(open_route=True),
+        summary="Health",
+        openapi_extra={"security": [{}]},
     )
     async def health() -> Response:
         return JSONResponse(
@@ -453,15 +474,37 @@ _PASSED_THROUGH = {
 def _proxy_errors(model: type[Any], *statuses: int) -> dict[int | str, dict[str, Any]]:
     texts = {
         400: "Invalid request (`model_required`, `invalid_json`, `too_deep`, a bad X-GPUPanel-App).",
+        401: (
+            'With `auth = "keys"`: no API key (or admin token), or an unknown, revoked or '
+            "expired one (`invalid_api_key`); `WWW-Authenticate: Bearer`."
+        ),
         404: "No such worker (`worker_not_found`), model (`model_not_found`) or route.",
         413: "Request body over the proxy's limit (`body_too_large`).",
+        429: (
+            "The API key has its `max_inflight` requests in flight (`concurrency_limit`); "
+            "`Retry-After: 1`."
+        ),
         502: "The worker (every candidate) could not be reached.",
-        503: "The worker is not running, or no healthy worker has the model.",
+        503: (
+            "The worker is not running, or no healthy worker has the model; or the keys file "
+            "cannot be read (`keys_unavailable`)."
+        ),
     }
     out: dict[int | str, dict[str, Any]] = {
-        status: {"model": model, "description": texts[status]} for status in statuses
+        status: {"model": model, "description": texts[status]}
+        for status in sorted({401, 429, *statuses})
     }
-    out[403] = {"model": s.PanelError, "description": _ERRORS[403]}
+    out[403] = {
+        "model": s.PanelError | model,
+        "description": (
+            "A foreign Host or Origin (the panel's error shape); an API key outside its "
+            "scopes: `worker_not_allowed`, `model_not_allowed`, `route_not_allowed` (the "
+            "route's shape)."
+        ),
+    }
+    out[429]["headers"] = {
+        "Retry-After": {"description": "Seconds to wait: 1.", "schema": {"type": "integer"}}
+    }
     return out
 
 
@@ -563,6 +606,17 @@ def openapi_document(api: FastAPI) -> dict[str, Any]:
                 _drop_null(param)
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
+    doc["components"]["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": (
+                'With `[panel] auth = "keys"`: an API key (`gpk-...`) or the admin token '
+                "(`gpt-...`)."
+            ),
+        }
+    }
+    doc["security"] = [{}, {"bearer": []}]  # none with auth = "off"; a bearer token with keys
     return doc
 
 

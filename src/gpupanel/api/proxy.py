@@ -26,6 +26,17 @@ What a client may send (docs/api.md, "Limits of every connection"): a body of at
 decoded by the bounded decoder (`api/limits.py`), so one that nests too deep is a 400 and
 never reaches a worker. `/proxy/{worker}` with nothing after the worker id is a 404 that
 names the expected form.
+
+Who is asking (docs/security.md, "API keys"): `api/auth.py` puts the caller in the scope.
+A request sent with an API key counts for the key's app (its name, whatever
+`X-GPUPanel-App` says) and stays within the key's scopes: per-worker routes to its workers
+only, and there to a worker's `/v1/...` and its native inference routes (`KEY_NATIVE`);
+models named in a body only among its models; `/v1` routing among its workers only, and
+`/v1/models` listing only what it may use; at most `max_inflight` requests in flight (429
+with `Retry-After: 1` beyond). A refused scope is a 403 in the route's dialect, before the
+worker or model is looked up (so it tells nothing of workers or models outside the key).
+The `Authorization` header that carried a key or the admin token is never passed to a
+worker.
 """
 
 from __future__ import annotations
@@ -40,13 +51,16 @@ from urllib.parse import quote, unquote_to_bytes
 
 from starlette.types import Message, Receive, Scope, Send
 
+from gpupanel.api.caller import CALLER, Caller, caller_of
 from gpupanel.api.errors import dialect_body
 from gpupanel.api.limits import loads
 from gpupanel.api.upstream import Response, UpstreamError, UpstreamPool
+from gpupanel.core.names import find_model
 from gpupanel.core.routing import candidates, serves
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import (
+    Forbidden,
     GpuPanelError,
     Invalid,
     NotFound,
@@ -65,14 +79,31 @@ _DROP_REQUEST = frozenset(
      b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
      b"expect"}
 )  # fmt: skip
+_DROP_REQUEST_AUTH = _DROP_REQUEST | {b"authorization"}
+"""With credentials checked (a caller in the scope): the bearer token stays here."""
 _DROP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"proxy-authenticate", b"te", b"trailer", b"trailers",
-     b"transfer-encoding", b"upgrade", b"server", b"date"}
+     b"transfer-encoding", b"upgrade", b"server", b"date",
+     # A worker's CORS headers would widen access (llama-server answers any origin):
+     # gpupanel's HostGuard alone answers CORS (api/security.py).
+     b"access-control-allow-origin", b"access-control-allow-credentials",
+     b"access-control-allow-headers", b"access-control-allow-methods",
+     b"access-control-allow-private-network", b"access-control-expose-headers",
+     b"access-control-max-age"}
 )  # fmt: skip
 
 
 MODEL_CHANGING = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 """Native routes after which a worker's model list is different."""
+KEY_NATIVE = frozenset(
+    {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show",
+     "/api/ps", "/api/version"}
+)  # fmt: skip
+"""A worker's native routes an API key may use: inference and reading, never a change of
+the worker's models (pull, create, copy, delete, push: the admin token's)."""
+KEY_V1_REFUSED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+"""A worker's `/v1/...` routes an API key may not use (vLLM's runtime adapter loading)."""
+RETRY_AFTER_S = 1
 
 
 class ProxyPlane(Protocol):
@@ -102,8 +133,28 @@ class _UpstreamFailed(Exception):
         self.busy = busy
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
+class _AtLimit(Exception):
+    """A key is at its concurrency limit: 429 with Retry-After."""
+
+
+def _limit_body(dialect: str, message: str) -> bytes:
+    if dialect == "ollama":
+        return json.dumps({"error": message}).encode()
+    error = {
+        "message": message,
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "concurrency_limit",
+    }
+    return json.dumps({"error": error}).encode()
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers += extra
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -167,6 +218,70 @@ def _model_of(data: Any) -> str | None:
     return model if isinstance(model, str) else None
 
 
+def _named_models(data: Any, native: bool) -> list[Any] | None:
+    """Every model a decoded body names at its top level, as a worker may read it: fields
+    named `model` in any case (Go's JSON decoding, Ollama's, matches names regardless of
+    case), and on native routes `name` too (Ollama's older field). None when the body is
+    not a JSON object or array (what the worker would read of it is unknown)."""
+    if isinstance(data, dict):
+        wanted = ("model", "name") if native else ("model",)
+        return [v for k, v in data.items() if k.lower() in wanted]
+    return [] if isinstance(data, list) else None
+
+
+def _check_models(caller: Caller, data: Any, native: bool) -> None:
+    """Forbidden unless every model the body names is one of the key's (`caller.models`)."""
+    allowed = caller.models
+    if allowed is None:
+        return
+    named = _named_models(data, native)
+    if named is None:
+        raise Invalid(
+            f"API key {caller.name!r} is limited to some models: a request body must be JSON",
+            "invalid_json",
+        )
+    for model in named:
+        if not isinstance(model, str) or find_model(model, allowed) is None:
+            raise Forbidden(
+                f"API key {caller.name!r} may not use model {str(model)[:200]!r} "
+                f"(its models: {', '.join(allowed)})",
+                "model_not_allowed",
+            )
+
+
+def _check_worker(caller: Caller, worker_id: str) -> None:
+    if caller.workers is not None and worker_id not in caller.workers:
+        raise Forbidden(
+            f"API key {caller.name!r} may not use worker {worker_id[:100]!r} "
+            f"(its workers: {', '.join(caller.workers)})",
+            "worker_not_allowed",
+        )
+
+
+def _check_key_route(caller: Caller, path: str) -> None:
+    """A key may use a worker's `/v1/...` (but KEY_V1_REFUSED) and its KEY_NATIVE routes,
+    named plainly: no `.` or `..` segment, empty segment or backslash that a worker might
+    resolve to another route."""
+    if ("//" in path or "\\" in path or "/." in path) and (
+        "//" in path or "\\" in path or any(seg in (".", "..") for seg in path.split("/"))
+    ):
+        raise Forbidden(
+            f"API key {caller.name!r}: the path {path[:200]!r} must name its route plainly "
+            "(no '.', '..' or empty segments, no backslash)",
+            "route_not_allowed",
+        )
+    if path.startswith("/v1/") and path not in KEY_V1_REFUSED:
+        return
+    if path in KEY_NATIVE:
+        return
+    raise Forbidden(
+        f"API key {caller.name!r} may not use {path[:200]!r} of a worker: keys may use its "
+        "/v1/... and the native inference routes (generate, chat, embed, embeddings, tags, "
+        "show, ps, version); the rest needs the admin token",
+        "route_not_allowed",
+    )
+
+
 def _decoded(raw: bytes) -> str:
     """A part of a path as sent, percent-decoded (as the ASGI server decodes `path`)."""
     if b"%" in raw:
@@ -220,10 +335,14 @@ class Proxy:
             _per_worker(scope) if path.startswith("/proxy/") else ("", None, b"")
         )
         dialect = "ollama" if rest is not None and rest.startswith("/api/") else "openai"
+        caller = caller_of(scope)
         try:
-            app = _header(scope, b"x-gpupanel-app")
-            if app is not None and not valid_app_name(app):
-                raise Invalid("header X-GPUPanel-App must be 1-64 of A-Z a-z 0-9 _ . @ : / -")
+            if caller.kind == "key":
+                app: str | None = caller.name  # a key's requests are its app's, whatever they say
+            else:
+                app = _header(scope, b"x-gpupanel-app")
+                if app is not None and not valid_app_name(app):
+                    raise Invalid("header X-GPUPanel-App must be 1-64 of A-Z a-z 0-9 _ . @ : / -")
             if path.startswith("/proxy/"):
                 if not worker_id or rest is None:
                     wid = worker_id or "{worker}"
@@ -232,23 +351,41 @@ class Proxy:
                         f"/proxy/{wid}/, e.g. /proxy/{wid}/v1/... (OpenAI) or "
                         f"/proxy/{wid}/api/... (Ollama)"
                     )
-                await self._per_worker(scope, receive, send, worker_id, rest, target, app)
+                await self._per_worker(scope, receive, send, worker_id, rest, target, app, caller)
             elif path == "/v1/models" and scope["method"] == "GET":
-                await self._models(send)
+                await self._models(send, caller)
             elif path in ROUTED and scope["method"] == "POST":
-                await self._routed(scope, receive, send, app)
+                await self._routed(scope, receive, send, app, caller)
             else:
                 raise NotFound(f"no route {scope['method']} {path}")
         except GpuPanelError as err:
             await _send_json(send, *dialect_body(dialect, err))
+        except _AtLimit as err:
+            retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+            await _send_json(send, 429, _limit_body(dialect, str(err)), retry)
         except _Abandoned:
             return
 
-    def _worker(self, worker_id: str) -> WorkerState:
+    def _open(
+        self, caller: Caller, worker: str | None, model: str | None, app: str | None, scope: Scope
+    ) -> InFlight:
+        """Register a request in flight, unless its key is at its concurrency limit
+        (_AtLimit). No await between the check and the registration: the loop is one
+        thread, so two requests can never both take the last place."""
+        traffic = self.plane.traffic
+        limit = caller.max_inflight
+        if limit is not None and traffic.in_flight_of(caller.name) >= limit:
+            raise _AtLimit(
+                f"API key {caller.name!r} has {limit} request(s) in flight, its limit: "
+                f"retry when one has ended (Retry-After: {RETRY_AFTER_S} s)"
+            )
+        return traffic.open(worker, model, app, scope["path"], scope["method"])
+
+    def _worker(self, worker_id: str, caller: Caller) -> WorkerState:
         for w in self.plane.snapshot.workers:
             if w.id == worker_id:
                 return w
-        known = ", ".join(w.id for w in self.plane.snapshot.workers) or "none"
+        known = ", ".join(w.id for w in self._visible(caller)) or "none"
         raise NotFound(f"no worker {worker_id!r} (workers: {known})", "worker_not_found")
 
     async def _per_worker(
@@ -260,8 +397,12 @@ class Proxy:
         path: str,
         target: bytes,
         app: str | None,
+        caller: Caller,
     ) -> None:
-        worker = self._worker(worker_id)
+        if caller.kind == "key":
+            _check_worker(caller, worker_id)  # before the lookup: says nothing of others
+            _check_key_route(caller, path)
+        worker = self._worker(worker_id, caller)
         if worker.pid is None:
             raise Unavailable(
                 f"worker {worker_id} is {worker.status}: start it with `gpupanel workers start {worker_id}`",
@@ -269,8 +410,10 @@ class Proxy:
             )
         body = await _read_body(scope, receive, self.max_body)
         data = _json_of(body)
+        if caller.models is not None:
+            _check_models(caller, data, native=path.startswith("/api/"))
         traffic = self.plane.traffic
-        entry = traffic.open(worker.id, _model_of(data), app, scope["path"], scope["method"])
+        entry = self._open(caller, worker.id, _model_of(data), app, scope)
         changes = path.startswith("/api/") and _changes_models(path, data)
         try:
             await self._forward(scope, receive, send, worker, target, body, entry, changes)
@@ -283,26 +426,32 @@ class Proxy:
         finally:
             traffic.close(entry)
 
-    async def _routed(self, scope: Scope, receive: Receive, send: Send, app: str | None) -> None:
+    async def _routed(
+        self, scope: Scope, receive: Receive, send: Send, app: str | None, caller: Caller
+    ) -> None:
         body = await _read_body(scope, receive, self.max_body)
         data = loads(body)  # Invalid (400): not JSON, or nested too deep
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
             raise Invalid("field 'model' is required: the model to route to", "model_required")
+        if caller.models is not None:
+            _check_models(caller, data, native=False)
         traffic = self.plane.traffic
-        choice = self._choose(model, app)
+        choice = self._choose(model, app, caller)
         if not choice and not any(serves(w, model) for w in self.plane.snapshot.workers):
             await self.plane.reprobe()  # it may have appeared since the last probe
-            choice = self._choose(model, app)
+            choice = self._choose(model, app, caller)
         if not choice:
-            serving = [w.id for w in self.plane.snapshot.workers if serves(w, model)]
+            visible = self._visible(caller)
+            serving = [w.id for w in visible if serves(w, model)]
             if serving:
                 raise Unavailable(
                     f"model {model!r} is on worker(s) {', '.join(serving)}, but none is healthy and available now",
                     "no_healthy_worker",
                 )
-            raise NotFound(f"model {model!r} is not available on any worker", "model_not_found")
-        entry = traffic.open(None, model, app, scope["path"], scope["method"])
+            anywhere = "any worker" if caller.workers is None else "any worker this API key may use"
+            raise NotFound(f"model {model!r} is not available on {anywhere}", "model_not_found")
+        entry = self._open(caller, None, model, app, scope)
         query: bytes = scope.get("query_string", b"")
         target = scope["path"].encode() + (b"?" + query if query else b"")
         failures: list[str] = []
@@ -323,24 +472,37 @@ class Proxy:
         finally:
             traffic.close(entry)
 
-    def _choose(self, model: str, app: str | None) -> list[WorkerState]:
+    def _choose(self, model: str, app: str | None, caller: Caller) -> list[WorkerState]:
         traffic = self.plane.traffic
+        allowed = traffic.allowed_workers(app)
+        if caller.workers is not None:  # a key's workers, within its registered app's if any
+            mine = caller.workers
+            allowed = mine if allowed is None else tuple(w for w in allowed if w in mine)
         return candidates(
             self.plane.snapshot.workers,
             model,
             traffic.in_flight(),
             traffic.bench.benched(time.monotonic()),
-            traffic.allowed_workers(app),
+            allowed,
         )
 
-    async def _models(self, send: Send) -> None:
+    def _visible(self, caller: Caller) -> tuple[WorkerState, ...]:
+        """The workers the caller may know of (a key's, else all)."""
+        workers = self.plane.snapshot.workers
+        if caller.workers is None:
+            return workers
+        return tuple(w for w in workers if w.id in caller.workers)
+
+    async def _models(self, send: Send, caller: Caller) -> None:
         seen: dict[str, list[str]] = {}
-        for w in self.plane.snapshot.workers:
+        models = caller.models
+        for w in self._visible(caller):
             if w.status == "running":
                 for name in dict.fromkeys(
                     [*w.models_available, *(m.name for m in w.models_loaded)]
                 ):
-                    seen.setdefault(name, []).append(w.id)
+                    if models is None or find_model(name, models) is not None:
+                        seen.setdefault(name, []).append(w.id)
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "gpupanel", "workers": ids}
             for name, ids in sorted(seen.items())
@@ -366,7 +528,8 @@ class Proxy:
 
         Raises _UpstreamFailed only before the first byte was sent to the client.
         """
-        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST]
+        drop = _DROP_REQUEST if CALLER not in scope else _DROP_REQUEST_AUTH
+        headers = [(k, v) for k, v in scope["headers"] if k not in drop]
         try:
             upstream = await self.upstream.request(
                 worker.port, scope["method"], target, headers, body

@@ -17,6 +17,8 @@ DEFAULT_WORKER_PORT = 11435
 # The control plane's own environment.
 URL_ENV = "GPUPANEL_URL"
 CONFIG_ENV = "GPUPANEL_CONFIG"
+TOKEN_ENV = "GPUPANEL_TOKEN"
+"""The admin token for clients of a control plane (docs/security.md, "The admin token")."""
 SIMULATE_ENV = "GPUPANEL_SIMULATE"
 STATE_HOME_ENV = "XDG_STATE_HOME"
 RUNTIME_DIR_ENV = "XDG_RUNTIME_DIR"

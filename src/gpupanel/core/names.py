@@ -1,4 +1,5 @@
-"""Model names: one copy of the rule that `name` and `name:latest` are the same model.
+"""Names: one copy of the rule that `name` and `name:latest` are the same model, and of the
+rule for app names (which API keys share).
 
 Ollama tags every model; a name without a tag means `:latest`. A tag is what follows the
 last `:` of the last path segment (`host:5000/llama3` has none, `hf.co/x/y:Q4_K_M` has one).
@@ -6,6 +7,7 @@ last `:` of the last path segment (`host:5000/llama3` has none, `hf.co/x/y:Q4_K_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 
@@ -22,3 +24,15 @@ def same_model(a: str, b: str) -> bool:
 def find_model(model: str, names: Iterable[str]) -> str | None:
     """The first of `names` that is the same model as `model`, if any."""
     return next((n for n in names if same_model(model, n)), None)
+
+
+# ---- app names ------------------------------------------------------------------------------
+
+APP_NAME_CHARS = "1-64 of A-Z a-z 0-9 _ . @ : / -"
+_APP_NAME = re.compile(r"[A-Za-z0-9_.@:/-]{1,64}")
+
+
+def valid_app_name(name: str) -> bool:
+    """App names (an `X-GPUPanel-App`, a registered app, an API key's name) are short
+    identifiers: letters, digits and `_ . @ : / -`."""
+    return bool(_APP_NAME.fullmatch(name))

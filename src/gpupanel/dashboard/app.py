@@ -4,6 +4,11 @@ It always attaches to a running control plane over HTTP (`$GPUPANEL_URL`, else
 127.0.0.1:8765): a Voila kernel lives only as long as its page, so it must never own the
 control plane. When none answers, the page says which URL it tried and how to start one,
 and retries every few seconds until one answers; then it shows the widget panel.
+
+Credentials come as they do for any client (`gpupanel.client.connect`): `$GPUPANEL_TOKEN`,
+which `gpupanel dashboard` sets for its kernels, else this host's stored admin token. The
+kernel sends the token; the page never shows it (only the URL and messages that say how to
+pass one).
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class Plane:
 
     def __init__(self, nodes: Sequence[Node], config: Config, url: str, version: str) -> None:
         self.nodes = list(nodes)
+        self.config = config
         self.url = url
         self.version = version
         self.simulated = any(n.simulated for n in self.nodes)

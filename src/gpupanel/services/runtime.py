@@ -11,7 +11,9 @@ The HTTP server is uvicorn on httptools, with the transport limits it lacks adde
 subclass of its protocol (`HttpLimits`: a header size and count limit, a header read timeout,
 an idle timeout from the moment a connection opens), and a shutdown that ends: event streams
 are closed at once, other requests get `shutdown_grace_s`, and a second stop ends them all
-(docs/api.md, "Limits of every connection" and "Stopping").
+(docs/api.md, "Limits of every connection" and "Stopping"). With `[panel] tls_cert` and
+`tls_key` it serves HTTPS, the same protocol on top of TLS (docs/security.md, "Binding beyond
+loopback, TLS").
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gpupanel._version import __version__
+from gpupanel.adapters.config_file import check_tls
 from gpupanel.adapters.state import StateStore
 from gpupanel.core.config import Config
 from gpupanel.core.defaults import HEADER_TIMEOUT_ENV, IDLE_TIMEOUT_ENV, SHUTDOWN_GRACE_ENV
@@ -48,6 +51,15 @@ from gpupanel.services.plane import Plane
 log = logging.getLogger("gpupanel.runtime")
 T = TypeVar("T")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}
+"""Binds to every interface, and the loopback address that reaches them from this host."""
+
+
+def panel_url(host: str, port: int, tls: bool = False) -> str:
+    """The URL of a panel bound to host:port, as this host reaches it: a wildcard bind
+    through loopback, an IPv6 address in brackets."""
+    shown = WILDCARDS.get(host, f"[{host}]" if ":" in host else host)
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
 
 class PanelPortBusy(GpuPanelError):
@@ -344,7 +356,11 @@ class ControlPlane:
         self.app_factory = app_factory
         self.tick_s = tick_s
         self.http_limits = http_limits if http_limits is not None else HttpLimits.from_env()
-        self.url = f"http://{config.panel.host}:{config.panel.port}"
+        panel = config.panel
+        if panel.tls_cert is not None and panel.tls_key is not None:
+            # One line before anything binds (a config built in code skipped the load's check).
+            check_tls(panel.tls_cert, panel.tls_key, f"{config.source}: [panel]")
+        self.url = panel_url(panel.host, panel.port, tls=panel.tls_cert is not None)
         self.node = LocalNode(config, backend, store)
         self.plane = Plane([self.node], config, self.url, __version__)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -370,6 +386,7 @@ class ControlPlane:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
+        panel = self.config.panel
         app, close_app = self.app_factory(self.plane)
         limits = self.http_limits
         server = _Server(
@@ -379,6 +396,10 @@ class ControlPlane:
                 lifespan="off",
                 access_log=False,
                 http=http_protocol(limits),
+                # The peer is who connected: never an address taken from X-Forwarded-For.
+                proxy_headers=False,
+                ssl_certfile=panel.tls_cert,
+                ssl_keyfile=panel.tls_key,
                 # The last resort of a stop (see `_shut_down`): cancel what still runs.
                 timeout_graceful_shutdown=math.ceil(limits.shutdown_grace_s) + 2,
             )

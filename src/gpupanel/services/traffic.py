@@ -4,11 +4,13 @@ Owned by the runtime loop (the proxy runs there too), so no locks. An entry is o
 a proxied request starts and closed in a `finally`, however the request ends.
 
 The app registry is bounded (docs/api.md, "App"): at most `max_apps` apps, registered or
-seen by their `X-GPUPanel-App` header. A new app beyond the bound takes the place of the
-seen-only app idle the longest; when there is none, registering is refused (Conflict, a 409
-naming `DELETE /panel/apps/{name}`) and a request of an app never seen is served but not
-counted. An app neither registered again nor seen in a request for `app_ttl_s` is forgotten,
-lazily (when the registry is next used); an app with requests in flight never is.
+seen by their `X-GPUPanel-App` header (with API keys: by the name of a request's key). A new
+app beyond the bound takes the place of the seen-only app idle the longest; when there is
+none, registering is refused (Conflict, a 409 naming `DELETE /panel/apps/{name}`) and a
+request of an app never seen is served but not counted (its requests in flight still are,
+for an API key's concurrency limit: `in_flight_of`). An app neither registered again nor
+seen in a request for `app_ttl_s` is forgotten, lazily (when the registry is next used); an
+app with requests in flight never is.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 
+from gpupanel.core.names import valid_app_name
 from gpupanel.core.requests import AppInfo, RequestInfo
 from gpupanel.core.routing import Bench
 from gpupanel.errors import Conflict, NotFound
 
-_APP_NAME = re.compile(r"[A-Za-z0-9_.@:/-]{1,64}")
+__all__ = ["APP_TTL_S", "MAX_APPS", "InFlight", "Traffic", "valid_app_name"]
 
 MAX_APPS = 256
 """Apps the registry holds at most (registered and seen together)."""
@@ -65,11 +67,6 @@ class _App:
     last_seen: float = 0.0
 
 
-def valid_app_name(name: str) -> bool:
-    """App names are short identifiers: letters, digits and `_ . @ : / -`."""
-    return bool(_APP_NAME.fullmatch(name))
-
-
 class Traffic:
     """In-flight requests by id, per-app totals, and the workers benched from `/v1` routing.
 
@@ -88,6 +85,7 @@ class Traffic:
         self.bench = Bench()
         self.live: dict[str, InFlight] = {}
         self.apps: dict[str, _App] = {}
+        self._app_live: dict[str, int] = {}  # requests in flight per app, registry full or not
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
         self._next_expiry = math.inf  # no app can expire before this (a lower bound)
@@ -108,6 +106,7 @@ class Traffic:
         )
         self.live[entry.id] = entry
         if app is not None:
+            self._app_live[app] = self._app_live.get(app, 0) + 1
             self._expire(now)
             stats = self.apps.get(app) or self._add(app, now)
             if stats is not None:
@@ -120,11 +119,22 @@ class Traffic:
     def close(self, entry: InFlight) -> None:
         """Remove a request that ended (idempotent)."""
         stats = entry.stats
-        if self.live.pop(entry.id, None) is not None and stats is not None:
+        if self.live.pop(entry.id, None) is None:
+            return
+        if entry.app is not None:
+            left = self._app_live.pop(entry.app, 1) - 1
+            if left:
+                self._app_live[entry.app] = left
+        if stats is not None:
             stats.bytes += entry.bytes
             stats.errors += entry.failed
             stats.in_flight -= 1
             self._seen(stats, self.clock())
+
+    def in_flight_of(self, app: str) -> int:
+        """Requests of `app` in flight now (counted even when the app registry is full: an
+        API key's concurrency limit rests on it)."""
+        return self._app_live.get(app, 0)
 
     def in_flight(self) -> dict[str, int]:
         """Requests in flight per worker."""

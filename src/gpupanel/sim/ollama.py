@@ -7,7 +7,9 @@ only by the environment, exactly as a supervisor would launch `ollama serve`:
   `http://host` = port 80), `OLLAMA_MODELS` (default `<sim dir>/ollama-models`),
   `OLLAMA_KEEP_ALIVE` (5m), `OLLAMA_NUM_PARALLEL` (1), `OLLAMA_MAX_LOADED_MODELS`
   (0 = 3 per visible GPU), `OLLAMA_MAX_QUEUE` (512), `OLLAMA_CONTEXT_LENGTH` (0 = by VRAM),
-  `OLLAMA_KV_CACHE_TYPE` (f16 | q8_0 | q4_0), `OLLAMA_GPU_OVERHEAD`, `OLLAMA_SCHED_SPREAD`;
+  `OLLAMA_KV_CACHE_TYPE` (f16 | q8_0 | q4_0), `OLLAMA_GPU_OVERHEAD`, `OLLAMA_SCHED_SPREAD`,
+  `OLLAMA_ORIGINS` (browser origins allowed beyond Ollama's defaults: a page of another
+  origin gets 403 before any handler, as from `ollama serve`; `ollama_http.Origins`);
 - `CUDA_VISIBLE_DEVICES`: UUIDs or indexes of the simulated workstation's GPUs;
 - `GPUPANEL_SIM_DIR`: the simulated workstation (its recorded GPUs and memory ledger);
 - `GPUPANEL_SIM_CATALOGUE`: a JSON file that overrides or extends the model catalogue;
@@ -54,6 +56,7 @@ from gpupanel.sim.ollama_core import OllamaSim
 from gpupanel.sim.ollama_env import settings_from_env
 from gpupanel.sim.ollama_http import (
     ApiError,
+    Origins,
     gin_line,
     host_allowed,
     is_loopback_bind,
@@ -90,12 +93,18 @@ async def _dispatch(request: web.Request, handler: Handler, check_host: bool) ->
 def build_app(sim: OllamaSim) -> web.Application:
     """The aiohttp application: native routes, OpenAI routes, logging and errors."""
     check_host = is_loopback_bind(sim.settings.host)
+    origins = Origins(sim.settings.origins)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         status = 500
         try:
+            # Ollama's CORS middleware runs before its Host check and every handler.
+            cors = origins.answer(request.headers.get("Origin", ""), request.host, request.method)
+            if cors is not None and cors[0]:
+                status = cors[0]
+                return web.Response(status=status, headers=cors[1])
             resp = await _dispatch(request, handler, check_host)
             status = resp.status
             return resp
@@ -108,6 +117,9 @@ def build_app(sim: OllamaSim) -> web.Application:
 
     async def label(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["X-GPUPanel-Simulated"] = "1"
+        cors = origins.answer(request.headers.get("Origin", ""), request.host, request.method)
+        if cors is not None and not cors[0]:  # an allowed page's answer (streamed ones too)
+            response.headers.update(cors[1])
 
     app = web.Application(middlewares=[middleware], client_max_size=64 * 1024**2)
     app.on_response_prepare.append(label)

@@ -3,8 +3,9 @@
 Pure functions over a mapping of environment variables, so every quirk is unit-tested:
 `OLLAMA_HOST` (bare host, `host:port`, `:port`, a scheme that changes the default port),
 Go duration strings for keep-alive, `CUDA_VISIBLE_DEVICES` (UUIDs, UUID prefixes or
-indexes; enumeration stops at the first unknown item, as CUDA does), and the simulator's
-own `GPUPANEL_SIM_*` knobs and fault switches (documented in `gpupanel.sim.ollama`).
+indexes; enumeration stops at the first unknown item, as CUDA does), `OLLAMA_ORIGINS`
+(checked as Ollama's CORS library checks it at start), and the simulator's own
+`GPUPANEL_SIM_*` knobs and fault switches (documented in `gpupanel.sim.ollama`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,36 @@ def _split_host_port(hostport: str) -> tuple[str, str | None]:
         return hostport, None
     host, _, port = hostport.partition(":")
     return host, port
+
+
+ORIGIN_SCHEMES = (
+    "http://",
+    "https://",
+    "chrome-extension://",
+    "safari-extension://",
+    "moz-extension://",
+    "ms-browser-extension://",
+)
+"""What an origin without a `*` must start with (gin-contrib/cors with browser extensions)."""
+
+
+def parse_origins(value: str) -> tuple[str, ...]:
+    """`OLLAMA_ORIGINS` as `ollama serve` takes it: comma-separated extra origins, each kept
+    as written. Ollama's CORS library refuses to start (a panic) on an origin that has no
+    `*` and no allowed scheme (an empty item included) or more than one `*`: a ConfigError
+    here, with its message."""
+    if not value:
+        return ()
+    origins = tuple(value.split(","))
+    for origin in origins:
+        if "*" not in origin and not origin.startswith(ORIGIN_SCHEMES):
+            raise ConfigError(
+                f"OLLAMA_ORIGINS: {origin!r}: bad origin: origins must contain '*' or include "
+                + ",".join(ORIGIN_SCHEMES)
+            )
+        if origin.count("*") > 1:
+            raise ConfigError(f"OLLAMA_ORIGINS: {origin!r}: only one * is allowed")
+    return origins
 
 
 def parse_keep_alive(value: Any) -> float:
@@ -231,6 +262,8 @@ class Settings:
     gpu_overhead: int = 0
     sched_spread: bool = False
     cuda_visible_devices: str | None = None
+    origins: tuple[str, ...] = ()
+    """`OLLAMA_ORIGINS`: browser origins allowed beyond Ollama's defaults."""
     catalogue_path: str | None = None
     pulled: tuple[str, ...] = ()
     tokens_per_s: float = 200.0
@@ -296,6 +329,7 @@ def settings_from_env(env: Mapping[str, str], sim_dir: Path) -> Settings:
         gpu_overhead=_uint(env, "OLLAMA_GPU_OVERHEAD", d.gpu_overhead),
         sched_spread=env_var(env, "OLLAMA_SCHED_SPREAD").lower() in ("1", "true", "yes", "on"),
         cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
+        origins=parse_origins(env_var(env, "OLLAMA_ORIGINS")),
         catalogue_path=env_var(env, SIM_CATALOGUE_ENV) or None,
         pulled=pulled,
         tokens_per_s=_positive(env, SIM_TOKENS_PER_S_ENV, d.tokens_per_s),

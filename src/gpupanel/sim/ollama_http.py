@@ -1,8 +1,9 @@
 """HTTP plumbing shared by the simulated Ollama server's native and OpenAI routes.
 
 Error types and their two dialects, request body parsing, timestamps in Ollama's formats,
-Ollama's Host-header check for loopback listeners (DNS-rebinding protection), and its log
-lines (`slog` key=value lines and gin's one line per request) on stderr.
+Ollama's Host-header check for loopback listeners (DNS-rebinding protection), its browser
+origin check (`OLLAMA_ORIGINS`, CORS), and its log lines (`slog` key=value lines and gin's
+one line per request) on stderr.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import socket
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -101,6 +103,78 @@ def host_allowed(host_header: str) -> bool:
             (".localhost", ".local", ".internal")
         )
     return ip.is_loopback or ip.is_private or ip.is_unspecified
+
+
+DEFAULT_ORIGINS = (
+    *(
+        f"{scheme}://{host}{port}"
+        for host in ("localhost", "127.0.0.1", "0.0.0.0")
+        for scheme, port in (("http", ""), ("https", ""), ("http", ":*"), ("https", ":*"))
+    ),
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
+)
+"""Ollama's `envconfig.AllowedOrigins()` defaults, after the `OLLAMA_ORIGINS` ones."""
+CORS_ALLOW_HEADERS = (
+    "Authorization,Content-Type,User-Agent,Accept,X-Requested-With,Openai-Beta,"
+    "X-Stainless-Arch,X-Stainless-Async,X-Stainless-Custom-Poll-Interval,"
+    "X-Stainless-Helper-Method,X-Stainless-Lang,X-Stainless-Os,"
+    "X-Stainless-Package-Version,X-Stainless-Poll-Helper,X-Stainless-Retry-Count,"
+    "X-Stainless-Runtime,X-Stainless-Runtime-Version,X-Stainless-Timeout"
+)
+"""The request headers Ollama lets a page send (fixed: what a preflight asks is not echoed)."""
+CORS_ALLOW_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
+CORS_MAX_AGE = "43200"
+
+
+class Origins:
+    """Ollama's CORS middleware (gin-contrib/cors as `ollama serve` configures it).
+
+    An origin is allowed when it equals an entry (entries trimmed and lowercased, the origin
+    as sent), or matches an entry with one `*` by prefix and suffix: `http://localhost:*`
+    allows `http://localhost:` followed by anything, `app://*` any `app://` origin, and
+    `OLLAMA_ORIGINS=*` every origin (then answered with `*`). A request whose Origin is its
+    own Host (`http://` or `https://`) is not a CORS request and passes untouched.
+    """
+
+    def __init__(self, extra: Sequence[str] = ()) -> None:
+        origins = (*extra, *DEFAULT_ORIGINS)
+        self.allow_all = "*" in origins
+        self.exact = frozenset(o.strip().lower() for o in origins)
+        self.wildcards = tuple(
+            (o[: o.index("*")], o[o.index("*") + 1 :]) for o in origins if "*" in o and o != "*"
+        )
+
+    def allows(self, origin: str) -> bool:
+        if self.allow_all or origin in self.exact:
+            return True
+        return any(origin.startswith(pre) and origin.endswith(post) for pre, post in self.wildcards)
+
+    def answer(self, origin: str, host: str, method: str) -> tuple[int, dict[str, str]] | None:
+        """What the middleware does with a request's Origin: None to go on without CORS
+        headers (no Origin, or the request's own); (403, {}) to refuse it before any
+        handler; (204, headers) to answer a preflight (any OPTIONS from an allowed origin);
+        (0, headers) to go on and add `headers` to the answer."""
+        if not origin or origin in (f"http://{host}", f"https://{host}"):
+            return None
+        if not self.allows(origin):
+            return 403, {}
+        headers = (
+            {"Access-Control-Allow-Origin": "*"}
+            if self.allow_all
+            else {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        )
+        if method != "OPTIONS":
+            return 0, headers
+        return 204, {
+            **headers,
+            "Access-Control-Allow-Methods": CORS_ALLOW_METHODS,
+            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+            "Access-Control-Max-Age": CORS_MAX_AGE,
+        }
 
 
 def _fmt(value: object) -> str:
