@@ -1,11 +1,12 @@
 """The HTTP app: management API and proxy, behind the localhost guard.
 
 ```
-HostGuard -> [Authenticate] -> /proxy/..., /v1/...  -> Proxy (raw ASGI, api/proxy.py)
-                            -> everything else      -> BodyLimit -> the /panel FastAPI app (api/panel.py)
+HostGuard -> [Authenticate] -> Audit -> /proxy/..., /v1/...  -> Proxy (raw ASGI, api/proxy.py)
+                                     -> everything else      -> BodyLimit -> the /panel FastAPI app (api/panel.py)
 ```
 
-Authenticate (`api/auth.py`) is there with `[panel] auth = "keys"` only.
+Authenticate (`api/auth.py`) is there with `[panel] auth = "keys"` only; Audit (`api/audit.py`) when
+the control plane has a state directory to write the log to (always, from `api/build.py`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gpupanel.adapters.audit import AuditLog
 from gpupanel.api import panel
+from gpupanel.api.audit import Audit
 from gpupanel.api.auth import Authenticate, Credentials
 from gpupanel.api.errors import panel_response
 from gpupanel.api.limits import MAX_PANEL_BODY
 from gpupanel.api.proxy import Proxy
-from gpupanel.api.security import HostGuard
+from gpupanel.api.security import LOOPBACK_NAMES, HostGuard
 from gpupanel.errors import TooLarge
 from gpupanel.services.plane import Plane
 
@@ -76,12 +79,20 @@ class BodyLimit:
 
 
 def build_app(
-    plane: Plane, host: str, credentials: Credentials | None = None
+    plane: Plane,
+    host: str,
+    credentials: Credentials | None = None,
+    audit: AuditLog | None = None,
 ) -> tuple[ASGIApp, Callable[[], Awaitable[None]]]:
     """The ASGI app of one plane served on `host` (the proxy's paths go straight to the
     proxy), and what closes it (the proxy's upstream connections). With `credentials`
     (`[panel] auth = "keys"`), every request is authenticated (`api/auth.py`) behind the
-    host and origin checks; without, every caller is LOCAL."""
+    host and origin checks; without, every caller is LOCAL. With `audit`, every control
+    action is recorded (`api/audit.py`) with the caller the authentication found.
+
+    Bound beyond loopback (only possible with credentials), any Host is accepted: a page
+    that rebinds a name to this host cannot attach a key or the token, so the Host check
+    would only refuse the machine's own names (docs/security.md)."""
     proxy = Proxy(plane)
     management = BodyLimit(panel.build(plane))
 
@@ -95,5 +106,8 @@ def build_app(
         else:
             await management(scope, receive, send)
 
-    app: ASGIApp = routes if credentials is None else Authenticate(routes, credentials)
-    return HostGuard(app, frozenset({host}), plane.config.panel.allowed_origins), proxy.close
+    audited: ASGIApp = routes if audit is None else Audit(routes, audit)
+    app: ASGIApp = audited if credentials is None else Authenticate(audited, credentials)
+    any_host = credentials is not None and host not in LOOPBACK_NAMES
+    guard = HostGuard(app, frozenset({host}), plane.config.panel.allowed_origins, any_host=any_host)
+    return guard, proxy.close

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from gpupanel.adapters.audit import AuditLog
 from gpupanel.adapters.config_file import find_config, load_config
 from gpupanel.adapters.keys import KEYS_FILE, KeyRing
 from gpupanel.adapters.state import StateStore
@@ -56,7 +57,10 @@ def control_plane(
     store = StateStore(Path(panel.state_dir) if panel.state_dir else None)
     credentials = _credentials(panel, store.directory)
     return ControlPlane(
-        config, backend, store, lambda plane: build_app(plane, panel.host, credentials)
+        config,
+        backend,
+        store,
+        lambda plane: build_app(plane, panel.host, credentials, AuditLog(store.directory)),
     )
 
 

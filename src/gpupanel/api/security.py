@@ -219,9 +219,14 @@ class HostGuard:
     allowed ones (see the module docstring)."""
 
     def __init__(
-        self, app: ASGIApp, allowed_hosts: frozenset[str], allowed_origins: Iterable[str] = ()
+        self,
+        app: ASGIApp,
+        allowed_hosts: frozenset[str],
+        allowed_origins: Iterable[str] = (),
+        any_host: bool = False,
     ) -> None:
         self.app = app
+        self.any_host = any_host  # bound beyond loopback with keys: no Host check
         self.allowed = LOOPBACK_NAMES | allowed_hosts
         self.origins = OriginPolicy(self.allowed, allowed_origins)
         self._hosts_ok: set[bytes] = set()
@@ -236,7 +241,7 @@ class HostGuard:
                 host = value
             elif name == b"origin":
                 origin = value
-        if host is None or host not in self._hosts_ok:
+        if not self.any_host and (host is None or host not in self._hosts_ok):
             text = "" if host is None else host.decode("latin-1")
             if _hostname(text) not in self.allowed:
                 response = panel_error(
