@@ -47,9 +47,9 @@ DESCRIPTION = """\
 The management API of a gpupanel control plane (`/panel/...`) and the proxy in front of its
 workers (`/v1/...`, `/proxy/{worker}/...`). Reference: docs/api.md in the project.
 
-Every request needs a loopback `Host` (or the configured host): otherwise 403
-`host_not_allowed`. Mutating `/panel` requests from a page of another origin are refused
-(403 `cross_origin`). `/panel` bodies are JSON objects of at most 1 MiB (413
+On loopback every request needs a loopback `Host` (or the configured host): otherwise 403
+`host_not_allowed`. A request from a browser page of an origin that is not allowed is
+refused on every route and method (403 `cross_origin`). `/panel` bodies are JSON objects of at most 1 MiB (413
 `body_too_large`), nested at most 100 deep; errors are `{"error": {"message", "type",
 "code"}}`.
 
