@@ -88,6 +88,8 @@ class PanelSettings:
     proxy needs an API key and /panel writes the admin token (docs/security.md)."""
     tls_cert: str | None = None
     tls_key: str | None = None
+    usage_retention_days: int = 90
+    """Days of usage history (`gpupanel usage`, `/panel/usage`) kept in the state dir."""
 
 
 AUTH_MODES = ("off", "keys")
@@ -293,6 +295,9 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         auth=_check_auth(p.text("auth", d.auth), p),
         tls_cert=p.text("tls_cert", d.tls_cert),
         tls_key=p.text("tls_key", d.tls_key),
+        usage_retention_days=p.integer(
+            "usage_retention_days", d.usage_retention_days, 1, 36500
+        ) or d.usage_retention_days,
     )
     if (panel.tls_cert is None) != (panel.tls_key is None):
         raise ConfigError(

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from gpupanel.core.config import Config
+from gpupanel.core.requests import Finished
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.units import GIB
 from gpupanel.core.warnings import Thresholds, evaluate
@@ -46,10 +47,20 @@ class Plane:
     """Every node's workers behind one API: snapshot, operations, loader, traffic.
 
     Runs on the runtime loop (one writer): `refresh()` publishes, everyone else reads
-    `snapshot`. `url` is where the plane serves (for each worker's proxied `base_url`)."""
+    `snapshot`. `url` is where the plane serves (for each worker's proxied `base_url`);
+    `on_finished` is told of every proxied request that ended (after the metrics)."""
 
-    def __init__(self, nodes: Sequence[Node], config: Config, url: str, version: str) -> None:
+    def __init__(
+        self,
+        nodes: Sequence[Node],
+        config: Config,
+        url: str,
+        version: str,
+        on_finished: Sequence[Callable[[Finished], None]] = (),
+    ) -> None:
         self.nodes = list(nodes)
+        self.on_finished = tuple(on_finished)
+        """Called with each proxied request that ended (usage history)."""
         self.config = config
         self.url = url
         self.version = version

@@ -27,7 +27,10 @@ from gpupanel.core.requests import AppInfo, RequestInfo
 from gpupanel.core.routing import Bench
 from gpupanel.errors import Conflict, NotFound
 
-__all__ = ["APP_TTL_S", "MAX_APPS", "InFlight", "Traffic", "valid_app_name"]
+__all__ = ["APP_TTL_S", "MAX_APPS", "TAIL_CHUNKS", "InFlight", "Traffic", "valid_app_name"]
+
+TAIL_CHUNKS = 3
+"""Body chunks of an answer kept in `InFlight.tail` (a stream's token counts come last)."""
 
 MAX_APPS = 256
 """Apps the registry holds at most (registered and seen together)."""
@@ -52,6 +55,18 @@ class InFlight:
     failed: bool = False
     stats: _App | None = field(default=None, repr=False)
     """The app entry this request counts in (None: no app, or the registry was full)."""
+    began: float = 0.0
+    """`time.monotonic()` at the start (durations are measured from it)."""
+    first_chunk: float | None = None
+    """`time.monotonic()` when the first body chunk of the answer went out."""
+    status: int = 0
+    """The status answered (0: none was, the request failed before)."""
+    cancelled: bool = False
+    """The client hung up before the answer ended."""
+    failovers: int = 0
+    """Workers tried before the one that answered (or before giving up)."""
+    tail: tuple[bytes, ...] = ()
+    """The answer's last body chunks (at most `TAIL_CHUNKS`), where token counts are read."""
 
 
 @dataclass(slots=True)
@@ -78,8 +93,10 @@ class Traffic:
         clock: Callable[[], float] = time.time,
         app_ttl_s: float = APP_TTL_S,
         max_apps: int = MAX_APPS,
+        on_close: Callable[[InFlight], None] | None = None,
     ) -> None:
         self.clock = clock
+        self.on_close = on_close
         self.app_ttl_s = app_ttl_s
         self.max_apps = max_apps
         self.bench = Bench()
@@ -103,6 +120,7 @@ class Traffic:
             started=now,
             path=path,
             method=method,
+            began=time.monotonic(),
         )
         self.live[entry.id] = entry
         if app is not None:
@@ -117,10 +135,13 @@ class Traffic:
         return entry
 
     def close(self, entry: InFlight) -> None:
-        """Remove a request that ended (idempotent)."""
+        """Remove a request that ended (idempotent), and hand it to `on_close` (metrics and
+        usage history) once."""
         stats = entry.stats
         if self.live.pop(entry.id, None) is None:
             return
+        if self.on_close is not None:
+            self.on_close(entry)
         if entry.app is not None:
             left = self._app_live.pop(entry.app, 1) - 1
             if left:
