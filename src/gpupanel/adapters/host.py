@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -113,6 +114,41 @@ def listening_ports(pids: Iterable[int]) -> set[int]:
     sockets = read_tcp_sockets(None) or []
     listen = {s.inode: s.port for s in sockets if s.listening}
     return {listen[i] for pid in pids for i in socket_inodes(pid) & listen.keys()}
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why TCP `host:port` cannot be listened on now (EADDRINUSE: someone holds it, perhaps
+    a process this user cannot see; EACCES: a port below 1024 without the privilege), or
+    None when it can. The socket is bound as `gpupanel serve` binds it and closed at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def gpupanel_health(host: str, port: int, timeout_s: float = 1.0) -> dict[str, object] | None:
+    """The `/panel/health` answer (`status`, `version`, `simulated`) of the gpupanel control
+    plane listening on plain-HTTP `host:port`, or None when what listens there does not
+    answer as gpupanel does."""
+    import httpx
+
+    name = f"[{host}]" if ":" in host else host
+    try:
+        reply = httpx.get(f"http://{name}:{port}/panel/health", timeout=timeout_s, trust_env=False)
+        body = reply.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if (
+        isinstance(body, dict)
+        and body.get("status") == "ok"
+        and isinstance(body.get("version"), str)
+    ):
+        return body
+    return None
 
 
 class HostProbe:

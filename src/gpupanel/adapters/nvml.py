@@ -76,6 +76,33 @@ class NvmlBackend:
             with contextlib.suppress(self._nvml.NVMLError):  # nothing to do about a failed one
                 self._nvml.nvmlShutdown()
 
+    def versions(self) -> dict[str, str]:
+        """The driver's versions, as far as NVML says: `driver` (e.g. "550.54.15"), `nvml`
+        and `cuda` (the newest CUDA the driver supports, e.g. "12.4"); a version NVML cannot
+        report is left out. Raises NoDriverError without a driver, like `sample()`."""
+        with self._lock:
+            nv = self._ensure_open()
+            found: dict[str, str] = {}
+            for key, call in (
+                ("driver", "nvmlSystemGetDriverVersion"),
+                ("nvml", "nvmlSystemGetNVMLVersion"),
+                ("cuda", "nvmlSystemGetCudaDriverVersion"),
+            ):
+                function = getattr(nv, call, None)
+                if function is None:
+                    continue
+                try:
+                    value = self._field(function)
+                except _GpuLost:  # not a per-GPU call; a driver that says so anyway
+                    continue
+                if value is None:
+                    continue
+                if key == "cuda" and isinstance(value, int):  # 12040 is CUDA 12.4
+                    found[key] = f"{value // 1000}.{value % 1000 // 10}"
+                else:
+                    found[key] = _text(value)
+            return found
+
     def _ensure_open(self) -> Any:
         if self._nvml is None:
             try:

@@ -259,6 +259,44 @@ def rotate(log_path: Path, max_bytes: int = 10 * 1024 * 1024, keep: int = 3) -> 
     return True
 
 
+def find_program(name: str, path: str | None = None) -> str | None:
+    """The executable a launch of `name` would run: `name` itself when it is a path (and
+    executable), else the first match on `path` (default: $PATH), as `spawn` looks it up."""
+    if os.path.sep in name:
+        return name if os.path.isfile(name) and os.access(name, os.X_OK) else None
+    return shutil.which(name, path=path)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a program printed when asked something (`gpupanel doctor` asks `X --version`):
+    its exit status and output (stdout, then stderr), or `problem` when it could not be run
+    or did not finish in time (then `status` is None)."""
+
+    status: int | None
+    output: str = ""
+    problem: str | None = None
+
+
+def ask(argv: Sequence[str], timeout_s: float = 5.0, max_chars: int = 4096) -> Answer:
+    """Run `argv` (stdin closed, our environment) and collect what it prints, killed after
+    `timeout_s`; never raises for a program that is missing, not executable or hangs."""
+    try:
+        done = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Answer(None, problem=f"no answer within {timeout_s:g} s")
+    except OSError as exc:
+        return Answer(None, problem=exc.strerror or str(exc))
+    output = (done.stdout + b"\n" + done.stderr).decode(errors="replace").strip()
+    return Answer(done.returncode, output[:max_chars])
+
+
 def port_holder(port: int) -> PortHolder | None:
     """The process listening on TCP `port` on this host, if any (a system-wide lookup, so
     only when a launch is due, never per tick)."""

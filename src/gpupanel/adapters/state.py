@@ -229,6 +229,23 @@ class StateStore:
             records[record.id] = record
         return Loaded(records, tuple(rejected))
 
+    def peek(self) -> dict[str, WorkerRecord]:
+        """The valid records by worker id, read only (for `gpupanel doctor`): unlike `load`,
+        nothing is moved aside or rewritten; a missing or unreadable file is no records."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        raw = data.get("workers") if isinstance(data, dict) else None
+        records: dict[str, WorkerRecord] = {}
+        for item in raw if isinstance(raw, list) else ():
+            try:
+                record = WorkerRecord.from_json(item)
+            except BadRecord:
+                continue
+            records.setdefault(record.id, record)
+        return records
+
     def save(self, records: Mapping[str, WorkerRecord]) -> None:
         """Replace the file with `records`, atomically; StateError if it cannot be written."""
         body = {
