@@ -8,6 +8,7 @@ CI, which installs it) turns the skip into a failure.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -119,8 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Panel, Pro
     try:
         wait_for(
             lambda: all(
-                w["status"] == "running" and w["models_available"]
-                for w in panel.workers().values()
+                w["status"] == "running" and w["models_available"] for w in panel.workers().values()
             ),
             30,
             "workers a and b running with their model",
@@ -184,7 +184,9 @@ def test_request_rate_and_ttft_histogram_match_the_traffic_sent(
         return value if value == REQUESTS else None
 
     assert wait_for(lambda: total("gpupanel_requests_total"), 15, "every request scraped")
-    ok = prometheus.value(f'sum(gpupanel_requests_total{{job="gpupanel",app="{APP}",outcome="ok"}})')
+    ok = prometheus.value(
+        f'sum(gpupanel_requests_total{{job="gpupanel",app="{APP}",outcome="ok"}})'
+    )
     assert ok == REQUESTS
     # The rate Prometheus computes over the middle of the traffic is the pace it was sent at.
     middle = (started + ended) / 2
@@ -201,7 +203,7 @@ def test_request_rate_and_ttft_histogram_match_the_traffic_sent(
     )
     counts = sorted((float(b["metric"]["le"]), float(b["value"][1])) for b in buckets)
     assert counts[-1] == (float("inf"), REQUESTS)
-    assert all(a[1] <= b[1] for a, b in zip(counts, counts[1:], strict=False))
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(counts))
     p99 = prometheus.value(
         f"histogram_quantile(0.99, sum by (le) (rate(gpupanel_time_to_first_token_seconds_bucket{selector}[1m])))",
         at=ended,
