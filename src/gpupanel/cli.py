@@ -74,6 +74,23 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What this machine needs, one line per check (docs/doctor.md); 1 if any FAILs."""
+    from gpupanel.services.doctor import failed, run_checks
+
+    checks = run_checks(args.simulate, args.config)
+    if args.json:
+        print(json.dumps([c.to_json() for c in checks], indent=2))
+        return 1 if failed(checks) else 0
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        fix = f"  -> fix: {c.fix}" if c.fix and c.verdict != "ok" else ""
+        print(f"{c.verdict:<4}  {c.name:<{width}}  {c.found}{fix}")
+    counts = {v: sum(c.verdict == v for c in checks) for v in ("ok", "warn", "FAIL")}
+    print(f"{len(checks)} checks: {counts['ok']} ok, {counts['warn']} warn, {counts['FAIL']} FAIL")
+    return 1 if failed(checks) else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -84,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    plane = control_plane(args.config, args.simulate, args.host, args.port)
+    plane = control_plane(args.config, args.simulate, args.host, args.port, ray=args.ray)
     config, panel = plane.config, plane.config.panel
     gpus = [g.uuid for g in plane.node.backend.sample()]
     backend = plane.node.backend
@@ -98,6 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"  worker {w.id:<10} {w.runtime:<8} GPU {w.gpu} port {w.port}  -> {plane.url}/proxy/{w.id}/v1"
         )
+    for node in plane.plane.nodes[1:]:  # other hosts of a Ray cluster (docs/cluster.md)
+        for worker_id in node.worker_ids():
+            w = node.spec(worker_id)
+            print(f"  worker {w.id:<10} {w.runtime:<8} GPU {w.gpu} port {w.port}  on node {node.name}")
     print("Ctrl-C stops the control plane; workers keep running.", flush=True)
 
     async def main() -> None:
@@ -304,6 +325,103 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- gpupanel usage: who used how much (docs/api.md, "Usage history") ------------------------
+
+_USAGE_COLUMNS = (
+    ("REQUESTS", "requests"),
+    ("ERRORS", "errors"),
+    ("CANCELLED", "cancelled"),
+    ("TOKENS IN (REPORTED)", "tokens_in"),
+    ("TOKENS OUT (REPORTED)", "tokens_out"),
+    ("COUNTED", "counted_requests"),
+    ("CHUNKS, NO COUNT", "uncounted_chunks"),
+    ("GPU-SECONDS", "gpu_seconds"),
+)
+
+
+def _usage_cells(counts: dict[str, Any]) -> list[str]:
+    """The numbers of one usage row. Tokens are the runtimes' own counts: `-` when none of
+    the row's requests reported any; COUNTED says of how many requests they are."""
+    cells = []
+    for _, name in _USAGE_COLUMNS:
+        value = counts.get(name, 0)
+        if name in ("tokens_in", "tokens_out") and not counts.get("counted_requests"):
+            cells.append("-")
+        elif name == "counted_requests":
+            cells.append(f"{value}/{counts.get('requests', 0)}")
+        elif name == "gpu_seconds":
+            cells.append(f"{float(value):.1f}")
+        else:
+            cells.append(str(value))
+    return cells
+
+
+def format_usage(report: dict[str, Any]) -> str:
+    """A usage report (`GET /panel/usage`) as a table with aligned columns: one row per app,
+    model or worker, and the total. Tokens the runtimes did not report are never mixed in:
+    those requests' answers count as chunks, in a column of their own."""
+    by = str(report.get("by", "app"))
+    since, until = _when(report.get("since")), _when(report.get("until"))
+    rows = report.get("rows") or []
+    title = f"usage by {by}, {since} to {until} (whole hours)"
+    if not rows:
+        return f"{title}: no requests"
+    table = [(by.upper(), *(h for h, _ in _USAGE_COLUMNS))]
+    for row in rows:
+        key = _printable(row.get("key", "")) or f"(no {by})"
+        table.append((key, *_usage_cells(row)))
+    table.append(("TOTAL", *_usage_cells(report.get("total") or {})))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [title]
+    for r in table:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(widths[i + 1]) for i, c in enumerate(r[1:])]
+        lines.append("  ".join(cells).rstrip())
+    lines.append(
+        "TOKENS: as the runtimes reported them, for the COUNTED requests; CHUNKS, NO COUNT: "
+        "answer chunks of the others"
+    )
+    lines.append(
+        "GPU-SECONDS: request durations on a worker, summed (overlapping requests each count)"
+    )
+    return "\n".join(lines)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import time
+
+    from gpupanel.adapters.usage_db import USAGE_FILE
+    from gpupanel.client import PanelError, connect
+    from gpupanel.core.usage import period
+    from gpupanel.services.usage import read_file
+
+    asked = period(args.since, args.until, args.by, time.time(), named="--{}")
+    try:
+        panel = connect(args.url)
+    except PanelError as exc:
+        if exc.status is not None:
+            raise  # a control plane answered, and refused
+        panel_settings, state_dir = _keys_panel(args.config)
+        path = state_dir / USAGE_FILE
+        print(
+            f"gpupanel: no control plane answers at {args.url}: reading the usage history "
+            f"in {path}",
+            file=sys.stderr,
+        )
+        report = read_file(path, asked, panel_settings.usage_retention_days).to_json()
+    else:
+        report = panel.usage(args.since, args.by, args.until)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_usage(report))
+    if not report.get("persistent", True):
+        print(
+            f"gpupanel: note: usage history is kept in memory only: {report.get('problem')}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 # ---- gpupanel keys: API keys, in the state directory (docs/security.md, "API keys") ----------
 
 _EXPIRY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -506,6 +624,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(p)
     p.set_defaults(func=cmd_snapshot)
 
+    p = sub.add_parser(
+        "doctor", help="check what this machine needs (driver, GPUs, runtimes, ports, ...)"
+    )
+    p.add_argument("--json", action="store_true", help="print the checks as a JSON list")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="gpupanel.toml (default: $GPUPANEL_CONFIG, ./gpupanel.toml)",
+    )
+    _add_simulate(p)
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("serve", help="run the control plane in the foreground")
     p.add_argument(
         "--config",
@@ -518,6 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help=f"panel port (default {DEFAULT_PANEL_PORT})")
     _add_simulate(p)
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="attach to the Ray cluster at ADDRESS (default: the one `ray start` made here) "
+        "and serve the workers of its other nodes too (docs/cluster.md; pip install "
+        "'gpupanel[ray]')",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -592,6 +732,26 @@ def build_parser() -> argparse.ArgumentParser:
         "./gpupanel.toml)",
     )
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("usage", help="who used how much: requests, tokens, GPU-seconds")
+    p.add_argument(
+        "--since",
+        default="7d",
+        help="a span back from now: 30m, 24h, 7d (units s m h d w), or epoch seconds (default 7d)",
+    )
+    p.add_argument("--until", default="now", help="end of the period, same forms (default now)")
+    p.add_argument(
+        "--by", choices=["app", "model", "worker"], default="app", help="rows per (default app)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_url(p)
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="gpupanel.toml naming the state directory, read when no control plane answers "
+        "(default: $GPUPANEL_CONFIG, ./gpupanel.toml)",
+    )
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("keys", help="API keys per app: create, list, revoke")
     keys = p.add_subparsers(dest="action", required=True)

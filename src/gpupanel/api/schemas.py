@@ -41,6 +41,7 @@ from gpupanel.api.limits import loads
 from gpupanel.core.model import GpuSample, HostSample
 from gpupanel.core.requests import AppInfo, RequestInfo
 from gpupanel.core.units import parse_go_duration
+from gpupanel.core.usage import MUST as USAGE_MUST
 from gpupanel.core.warning import Warning
 from gpupanel.core.worker import LoadedModel, WorkerState
 from gpupanel.errors import Invalid
@@ -85,8 +86,11 @@ MUST: dict[str, str] = {
     "owner": f"must be a string of at most {MAX_OWNER} characters, or null",
     "workers": f"must be a list of worker ids (at most {MAX_APP_WORKERS})",
     "kv_cache_type": f"must be one of {', '.join(KV_CACHE_TYPES)}",
+    **USAGE_MUST,  # since, until, by of GET /panel/usage
 }
 """What each field must be, as the 400 answer words it: "field 'num_ctx' must be ..."."""
+MAX_MOMENT_CHARS = 32
+"""Characters a `since` or `until` of GET /panel/usage may have."""
 
 _WHERE = {"query": "query parameter", "path": "path parameter", "header": "header"}
 
@@ -458,6 +462,55 @@ class AppDeletedAnswer(_Answer):
 
 class StopProcessAnswer(_Answer):
     result: str
+
+
+class UsageCounts(_Answer):
+    """What the usage history counts (docs/api.md, "Usage history")."""
+
+    requests: int = Field(description="Proxied requests that ended.")
+    errors: int = Field(description="Of them, ended with an error status or unanswered.")
+    cancelled: int = Field(description="Of them, the client hung up first.")
+    tokens_in: int = Field(
+        description="Prompt tokens as the runtimes reported them (of `counted_requests`)."
+    )
+    tokens_out: int = Field(
+        description="Answer tokens as the runtimes reported them (of `counted_requests`)."
+    )
+    counted_requests: int = Field(description="Requests whose runtime reported token counts.")
+    uncounted_chunks: int = Field(
+        description="Answer chunks of the answered requests without reported counts (never "
+        "added to the tokens)."
+    )
+    gpu_seconds: float = Field(
+        description="Request durations on a worker, summed (overlapping requests each count)."
+    )
+
+
+class UsageRow(UsageCounts):
+    key: str = Field(description='The app, model or worker (`""`: none).')
+
+
+class UsageHour(UsageCounts):
+    hour: int = Field(description="The hour's start (epoch seconds, UTC).")
+
+
+class UsageAnswer(_Answer):
+    """`GET /panel/usage`: the period, one row per key (most requests first), the totals
+    per hour (oldest first, hours without requests left out) and the grand total."""
+
+    since: float = Field(description="Epoch seconds; every hour that overlaps the period counts.")
+    until: float
+    by: Literal["app", "model", "worker"]
+    rows: list[UsageRow]
+    hours: list[UsageHour]
+    total: UsageCounts
+    retention_days: int = Field(
+        description="Days of history kept (`[panel] usage_retention_days`)."
+    )
+    persistent: bool = Field(
+        description="Whether the history is kept in the state directory (else in memory only)."
+    )
+    problem: str | None = Field(description="Why the history is not kept on disk now, or null.")
 
 
 # ---- the proxy's routes (served by api/proxy.py, described here) ------------------------------

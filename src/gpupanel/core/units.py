@@ -1,4 +1,5 @@
-"""Units as people write them: the GiB constant and its formatting, Go durations ("30m")."""
+"""Units as people write them: the GiB constant and its formatting, Go durations ("30m"),
+spans of time back from now ("7d") and points in time."""
 
 from __future__ import annotations
 
@@ -50,3 +51,33 @@ def parse_go_duration(text: str) -> float:
         total += float(m[1]) * _DURATION_UNITS_S[m[2]]
         pos = m.end()
     return sign * total
+
+
+_SPAN_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SPAN = re.compile(r"(?:[0-9]{1,9}[smhdw])+")
+_SPAN_PART = re.compile(r"([0-9]{1,9})([smhdw])")
+_EPOCH = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+MAX_SPAN_S = 100 * 365 * 86400
+"""The longest span `parse_span` takes: 100 years."""
+
+
+def parse_span(text: str) -> int:
+    """Seconds from a span of time as `gpupanel usage --since` takes it: whole numbers, each
+    with a unit of s, m, h, d (24 h) or w (7 d), one or more ("30m", "24h", "7d", "1d12h");
+    at most MAX_SPAN_S. ValueError if not."""
+    if not _SPAN.fullmatch(text):
+        raise ValueError(f"not a span such as 30m, 24h or 7d: {text[:20]!r}")
+    seconds = sum(int(n) * _SPAN_UNITS_S[unit] for n, unit in _SPAN_PART.findall(text))
+    if seconds > MAX_SPAN_S:
+        raise ValueError(f"more than 100 years: {text[:20]!r}")
+    return seconds
+
+
+def parse_moment(text: str, now: float) -> float:
+    """A point in time, epoch seconds: a span back from `now` ("7d" is seven days ago),
+    `now`, or epoch seconds ("1714521600", "1714521600.5"). ValueError if none of these."""
+    if text == "now":
+        return now
+    if _EPOCH.fullmatch(text):
+        return float(text)
+    return now - parse_span(text)
