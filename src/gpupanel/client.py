@@ -306,6 +306,13 @@ class Panel:
     def apps(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/panel/apps")["apps"])
 
+    def usage(self, since: str = "7d", by: str = "app", until: str | None = None) -> dict[str, Any]:
+        """Usage history over a period (docs/api.md, "Usage history"): requests, errors,
+        tokens and GPU-seconds per app, model or worker (`by`), and per hour. `since` and
+        `until`: a span back from now ("30m", "24h", "7d"), "now", or epoch seconds."""
+        params = {"since": since, "by": by, **({"until": until} if until is not None else {})}
+        return dict(self._call("GET", "/panel/usage", params=params))
+
     def base_url(self, worker_id: str) -> str:
         """The OpenAI base URL of a worker through the proxy (what an app's `base_url` is)."""
         if worker_id not in self.workers:
@@ -420,6 +427,20 @@ class Panel:
                         yield line
         except httpx.TransportError as exc:
             raise PanelError(f"pull from {self.url} failed: {exc}") from None
+
+    def log(self, worker_id: str, lines: int = 50) -> list[str]:
+        """The last `lines` lines (1-10000) of a worker's log."""
+        path = f"/panel/workers/{quote(worker_id, safe='')}/log"
+        answer = self._call("GET", path, params={"lines": lines}, timeout=SNAPSHOT_TIMEOUT_S)
+        return [str(line) for line in answer["lines"]]
+
+    def stop_process(self, pid: int, force: bool = False) -> str:
+        """Stop a process by pid: one in a worker's process tree stops that worker; any other
+        (an unmanaged GPU process) only with `force`. The control plane's result line."""
+        from gpupanel.api.schemas import StopProcessBody
+
+        body = _body(StopProcessBody, force=force)
+        return str(self._call("POST", f"/panel/processes/{int(pid)}/stop", json=body)["result"])
 
     def register_app(
         self, name: str, owner: str | None = None, workers: list[str] | None = None

@@ -274,3 +274,28 @@ def test_an_https_control_plane_is_checked_with_the_certificate_given(tmp_path: 
     with pytest.raises(PanelError, match=r"verify='.*missing.pem': cannot load certificates"):
         Panel("https://127.0.0.1:1", verify=tmp_path / "missing.pem")
     assert Panel("https://127.0.0.1:1", verify=False).http is not None
+
+
+def test_log_and_stop_process_speak_the_panel_routes() -> None:
+    seen: list[tuple[str, str, str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, request.url.query.decode(), request.content))
+        if request.url.path.endswith("/log"):
+            return httpx.Response(200, json={"worker": "gpu0", "lines": ["a", "b"]})
+        if request.url.path == "/panel/processes/4242/stop":
+            return httpx.Response(200, json={"result": "pid 4242 (python) terminated"})
+        return httpx.Response(409, json={"error": {"message": "not a worker", "code": "x"}})
+
+    panel = mocked(handler)
+    try:
+        assert panel.log("gpu0", 7) == ["a", "b"]
+        assert panel.stop_process(4242, force=True) == "pid 4242 (python) terminated"
+        with pytest.raises(PanelError, match="not a worker") as refused:
+            panel.stop_process(4243)
+        assert refused.value.status == 409
+    finally:
+        panel.shutdown()
+    assert seen[0][:3] == ("GET", "/panel/workers/gpu0/log", "lines=7")
+    assert seen[1][:2] == ("POST", "/panel/processes/4242/stop")
+    assert json.loads(seen[1][3]) == {"force": True} and json.loads(seen[2][3]) == {"force": False}

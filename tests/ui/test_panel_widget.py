@@ -1,6 +1,7 @@
 """The widget panel on a REAL in-process control plane over a simulated 4-GPU workstation
 (2 x 24 GiB, 2 x 48 GiB; one simulated Ollama worker per GPU), driven through widget
-state: the binder thread is stopped and each test calls `refresh()` itself."""
+state: the binder thread is stopped and each test calls `refresh()` itself. The simulated
+pulls are slowed down (`GPUPANEL_SIM_PULL_SPEED`) so a pull's bar has time to move."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 import gpupanel
 from gpupanel.client import Panel, PanelError
+from gpupanel.core.defaults import SIM_PULL_SPEED_ENV
 from gpupanel.sim.workstation import parse_spec
 from gpupanel.ui.widgets import PanelWidget
 from tests.conftest import free_port
@@ -57,6 +59,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     env.setenv("XDG_STATE_HOME", str(base / "state"))
     env.setenv("GPUPANEL_SIM_PULLED", "qwen2.5:0.5b,llama3.1:70b")
     env.setenv("GPUPANEL_SIM_TOKENS_PER_S", "10")  # a reply of 32 tokens streams for ~3 s
+    env.setenv(SIM_PULL_SPEED_ENV, "100MB")  # smollm2:135m (271 MB) pulls in ~3 s
     env.delenv("GPUPANEL_CONFIG", raising=False)
     ws = parse_spec("2x24,2x48")
     sim.mkdir()
@@ -97,17 +100,22 @@ def widget(live: Live, sim_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     w.close()
 
 
-def test_gpu_cards_charts_worker_rows_and_badge(live: Live, widget: PanelWidget) -> None:
+def test_overview_rows_charts_worker_rows_and_badge(live: Live, widget: PanelWidget) -> None:
     widget.refresh()
-    assert set(widget.gpu_cards) == set(live.uuids)
+    assert set(widget.gpu_rows) == set(live.uuids)
     for i, uuid in enumerate(live.uuids):
-        card = widget.gpu_cards[uuid]
-        assert "gpupanel-gpu" in card._dom_classes
-        assert uuid in card.title.value and f"GPU {i}</b>" in card.title.value
-    assert [c.uuid for c in widget.gpus_box.children] == live.uuids  # in index order
+        row = widget.gpu_rows[uuid]
+        assert {"gpupanel-gpu", f"gpupanel-gpu-{i}"} <= set(row._dom_classes)
+        assert f'title="{uuid}"><code>{uuid[:12]}</code>' in row.cells.value
+        assert f"<b>gpu{i}</b>" in row.cells.value and "running" in row.cells.value
+    assert [c.uuid for c in widget.rows_box.children] == live.uuids  # in index order
+    assert widget.selected == live.uuids[0] and live.uuids[0] in widget.gpu_title.value
 
-    # The VRAM chart grows a point per new snapshot and shows the snapshot's memory.used.
-    gpu0 = widget.gpu_cards[live.uuids[0]].chart
+    # The charts grow a point per new snapshot and show the snapshot's memory.used: the
+    # selected GPU's, and the line of each GPU in the combined one.
+    gpu0 = widget.chart
+    combined = widget.vram_chart.lines
+    assert list(combined) == live.uuids
     lengths = []
     last_time = None
     while len(lengths) < 3:
@@ -121,6 +129,11 @@ def test_gpu_cards_charts_worker_rows_and_badge(live: Live, widget: PanelWidget)
             assert gpu0.used.y[-1] == pytest.approx(used / GIB)
             assert gpu0.total.y[-1] == pytest.approx(total / GIB) == pytest.approx(24.0)
             assert len(gpu0.used.x) == len(gpu0.used.y) == len(gpu0.util.y)
+            for uuid in live.uuids:
+                assert combined[uuid].y[-1] == pytest.approx(
+                    snap["gpus"][uuid]["memory"]["used"] / GIB
+                )
+                assert len(combined[uuid].x) == len(gpu0.used.x)
         time.sleep(0.1)
     assert lengths[0] < lengths[1] < lengths[2]
 
@@ -142,6 +155,40 @@ def test_gpu_cards_charts_worker_rows_and_badge(live: Live, widget: PanelWidget)
     assert "4 GPU(s)" in widget.header.value and "4 worker(s)" in widget.header.value
 
 
+def test_pull_from_the_panel_moves_its_bar_to_100_and_lists_the_model(
+    live: Live, widget: PanelWidget
+) -> None:
+    model = "smollm2:135m"
+    assert model not in live.panel.workers["gpu3"]["models_available"]
+    widget.refresh()
+    widget.gpu_rows[live.uuids[3]].select.click()  # the row of GPU 3 selects worker gpu3
+    widget.refresh()
+    form = widget.model_form
+    assert form.worker.value == "gpu3" and model not in form.model.options
+    form.model.value = model
+    form.pull_button.click()
+    values: list[float] = []
+    deadline = time.monotonic() + 60
+    while widget.commands.busy:
+        widget.refresh()
+        assert form.progress.layout.display != "none" and form.progress.bar_style == "info"
+        values.append(form.progress.value)
+        assert time.monotonic() < deadline, f"the pull did not end: {values}"
+        time.sleep(0.1)
+    widget.refresh()
+    values.append(form.progress.value)
+    assert values[0] == 0.0, values  # shown at 0 % before the first byte
+    between = [v for v in values if 0.0 < v < 99.0]
+    assert len(set(between)) >= 3, f"too few steps seen on the way: {values}"
+    assert values == sorted(values), f"the bar went back: {values}"
+    assert values[-1] == 100.0 and form.progress.bar_style == "success"
+    assert f"pulled {model} onto gpu3" in widget.status.value
+    assert "success \u00b7 100 %" in form.pull_status.value
+    # The model is now in the worker's list: the API's, and the panel's model choices.
+    assert model in live.panel.workers["gpu3"]["models_available"]
+    poll(widget, lambda: model in form.model.options, what=f"{model} among gpu3's models")
+
+
 def test_nothing_new_sends_no_widget_update(live: Live, widget: PanelWidget) -> None:
     snap = live.panel.snapshot()
     widget.refresh(snap)
@@ -153,6 +200,9 @@ def test_nothing_new_sends_no_widget_update(live: Live, widget: PanelWidget) -> 
 
 def test_restart_button_gives_a_new_pid(live: Live, widget: PanelWidget) -> None:
     widget.refresh()
+    widget.select(live.uuids[1])
+    widget.refresh()
+    assert widget.worker_rows["gpu1"].layout.display != "none"
     old = live.panel.workers["gpu1"]["pid"]
     assert f"pid {old}" in widget.worker_rows["gpu1"].info.value
     widget.worker_rows["gpu1"].buttons["restart"].click()
@@ -173,9 +223,8 @@ def test_restart_button_gives_a_new_pid(live: Live, widget: PanelWidget) -> None
 
 def test_estimate_shows_the_guard_verdict_before_a_load(live: Live, widget: PanelWidget) -> None:
     widget.refresh()
-    form = widget.load_form
-    form.worker.value = "gpu0"
-    widget.refresh()
+    form = widget.model_form
+    assert form.worker.value == "gpu0"  # GPU 0, selected first
     assert "llama3.1:70b" in form.model.options  # the worker's pulled models
     form.model.value = "llama3.1:70b"
     form.num_ctx.value = 8192
@@ -193,10 +242,12 @@ def test_estimate_shows_the_guard_verdict_before_a_load(live: Live, widget: Pane
     assert live.panel.workers["gpu0"]["models_loaded"] == []
 
 
-def test_a_forced_load_raises_model_on_cpu_in_the_warnings(live: Live, widget: PanelWidget) -> None:
+def test_a_forced_load_raises_model_on_cpu_and_its_fix_unloads(
+    live: Live, widget: PanelWidget
+) -> None:
     widget.refresh()
-    form = widget.load_form
-    form.worker.value = "gpu0"
+    form = widget.model_form
+    assert form.worker.value == "gpu0"
     form.model.value = "llama3.1:70b"
     form.num_ctx.value = 2048
     form.force.value = True
@@ -205,14 +256,24 @@ def test_a_forced_load_raises_model_on_cpu_in_the_warnings(live: Live, widget: P
         assert widget.commands.wait(30)
         widget.refresh()
         assert "loaded llama3.1:70b on gpu0" in widget.status.value
-        poll(widget, lambda: "model_on_cpu" in widget.warnings.value, what="model_on_cpu")
+        poll(widget, lambda: "model_on_cpu" in widget.warnings.text, what="model_on_cpu")
         assert "gpupanel-warnings" in widget.warnings._dom_classes
-        assert "gpu0/llama3.1:70b" in widget.warnings.value
+        assert "gpu0/llama3.1:70b" in widget.warnings.text
         row = widget.worker_rows["gpu0"].info.value
         assert "llama3.1:70b" in row and "on CPU" in row
+        assert "(CPU)" in widget.gpu_rows[live.uuids[0]].cells.value
+        # GPU 0's warnings beside its controls, with the fix: unload the model.
+        fix = widget.gpu_warnings.rows[("model_on_cpu", "gpu0/llama3.1:70b")].fix
+        assert fix.description == "unload llama3.1:70b" and fix.layout.display != "none"
+        fix.click()
+        assert widget.commands.wait(30)
+        widget.refresh()
+        assert "unloaded llama3.1:70b from gpu0" in widget.status.value
+        assert live.panel.workers["gpu0"]["models_loaded"] == []
     finally:
-        live.panel.unload("gpu0", "llama3.1:70b")
-    poll(widget, lambda: "model_on_cpu" not in widget.warnings.value, what="warning cleared")
+        with contextlib.suppress(PanelError):
+            live.panel.unload("gpu0", "llama3.1:70b")
+    poll(widget, lambda: "model_on_cpu" not in widget.warnings.text, what="warning cleared")
 
 
 def test_in_flight_requests_by_app_and_the_activity_heuristics(
@@ -245,21 +306,22 @@ def test_in_flight_requests_by_app_and_the_activity_heuristics(
             ),
             what="the request in the requests box",
         )
+        widget.select(uuid)
         poll(
             widget,
-            lambda: widget.gpu_cards[uuid].activity.value.count(">yes<") == 1,
+            lambda: widget.activity.value.count(">yes<") == 1,
             what="likely inferencing on GPU 2",
         )
-        assert "heuristics" in widget.gpu_cards[uuid].activity.value
+        assert "heuristics" in widget.activity.value
+        cells = widget.gpu_rows[uuid].cells.value
+        assert 'class="gpupanel-col-inflight">1<' in cells  # the overview counts it too
     finally:
         thread.join(30)
     assert done.get("status") == 200
     poll(widget, lambda: "<b>ui-test</b>: 0 in flight" in widget.requests.value)
     activity = widget._activity.update(live.panel.snapshot())[uuid]
     assert activity.chunks_total > 0 and not activity.in_flight
-    assert f"tokens \u2248 {activity.chunks_total} chunks via proxy" in (
-        widget.gpu_cards[uuid].activity.value
-    )
+    assert f"tokens \u2248 {activity.chunks_total} chunks via proxy" in widget.activity.value
     live.panel.unload("gpu2", "qwen2.5:0.5b")
 
 
@@ -270,7 +332,7 @@ def test_the_binder_thread_updates_on_its_own_and_stops_on_close(live: Live) -> 
         deadline = time.monotonic() + 10
         while w.passes < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert w.passes >= 2 and len(w.gpu_cards) == 4
+        assert w.passes >= 2 and len(w.gpu_rows) == 4
     finally:
         w.close()
     assert not w.running

@@ -135,7 +135,7 @@ def test_a_pass_with_nothing_new_sends_nothing_and_is_cheap(
 ) -> None:
     snap = synthetic()
     assert widget.refresh(snap) > 0
-    assert len(widget.gpu_cards) == 8 and len(widget.worker_rows) == 8
+    assert len(widget.gpu_rows) == 8 and len(widget.worker_rows) == 8
     sent = count_sends(monkeypatch)
     changes = observe_all(widget)
     assert widget.refresh(snap) == 0
@@ -155,19 +155,19 @@ def test_a_pass_with_nothing_new_sends_nothing_and_is_cheap(
     assert len(changes) > len(sent)  # several traits of one widget go in one message
 
 
-def test_cards_and_rows_are_stable_and_follow_the_sets(widget: PanelWidget) -> None:
+def test_rows_are_stable_and_follow_the_sets(widget: PanelWidget) -> None:
     widget.refresh(synthetic(n=3))
-    cards = dict(widget.gpu_cards)
+    gpu_rows = dict(widget.gpu_rows)
     rows = dict(widget.worker_rows)
     widget.refresh(synthetic(t=1_000_001.0, n=3, used_gib=8))
-    assert widget.gpu_cards == cards and widget.worker_rows == rows  # same widget objects
-    assert all(widget.gpu_cards[u] is cards[u] for u in cards)
+    assert widget.gpu_rows == gpu_rows and widget.worker_rows == rows  # same widget objects
+    assert all(widget.gpu_rows[u] is gpu_rows[u] for u in gpu_rows)
 
     widget.refresh(synthetic(t=1_000_002.0, n=2))
-    assert len(widget.gpu_cards) == 2 and set(widget.worker_rows) == {"gpu0", "gpu1"}
-    gone = next(u for u in cards if u not in widget.gpu_cards)
-    assert cards[gone].comm is None  # a removed card is closed
-    assert widget.gpus_box.children == tuple(cards[u] for u in sorted(widget.gpu_cards))
+    assert len(widget.gpu_rows) == 2 and set(widget.worker_rows) == {"gpu0", "gpu1"}
+    gone = next(u for u in gpu_rows if u not in widget.gpu_rows)
+    assert gpu_rows[gone].comm is None and gpu_rows[gone].cells.comm is None  # closed
+    assert widget.rows_box.children == tuple(gpu_rows[u] for u in sorted(widget.gpu_rows))
 
 
 def test_contents_and_dom_hooks(widget: PanelWidget) -> None:
@@ -177,18 +177,27 @@ def test_contents_and_dom_hooks(widget: PanelWidget) -> None:
     assert "gpupanel-simulated" in widget.badge._dom_classes
     assert widget.badge.layout.display != "none" and "SIMULATED" in widget.badge.value
     assert "gpupanel-warnings" in widget.warnings._dom_classes
+    assert "gpupanel-overview" in widget.overview._dom_classes
     for uuid, gpu in snap["gpus"].items():
-        card = widget.gpu_cards[uuid]
-        assert "gpupanel-gpu" in card._dom_classes
-        assert uuid in card.title.value and f"GPU {gpu['index']}" in card.title.value
-        assert "4.0 GiB</b> of 24.0 GiB" in card.figures.value
-        assert "power 40 / 450 W" in card.figures.value and "35 \u00b0C" in card.figures.value
-        assert "likely inferencing" in card.activity.value and "heuristics" in card.activity.value
-        assert "chunks via proxy" in card.activity.value
-        assert str(gpu["processes"][0]["pid"]) in card.processes.value
+        cells = widget.gpu_rows[uuid].cells.value
+        assert {"gpupanel-gpu", f"gpupanel-gpu-{gpu['index']}"} <= set(
+            widget.gpu_rows[uuid]._dom_classes
+        )
+        assert f"<code>{uuid[:12]}</code>" in cells and f'title="{uuid}"' in cells
+        assert "4.0 / 24.0 GiB" in cells and "40 W" in cells and "35 \u00b0C" in cells
+        assert f"<b>gpu{gpu['index']}</b>" in cells and "qwen2.5:0.5b" in cells
+    # The selected GPU (the first) in detail, under its chart.
+    first = next(iter(snap["gpus"]))
+    assert widget.selected == first
+    assert "gpupanel-selected" in widget.gpu_rows[first]._dom_classes
+    assert first in widget.gpu_title.value and "GPU 0" in widget.gpu_title.value
+    assert "likely inferencing" in widget.activity.value and "heuristics" in widget.activity.value
+    assert "chunks via proxy" in widget.activity.value
+    assert str(snap["gpus"][first]["processes"][0]["pid"]) in widget.processes.value
     row = widget.worker_rows["gpu1"]
     assert {"gpupanel-worker", "gpupanel-worker-gpu1"} <= set(row._dom_classes)
-    for action in ("start", "stop", "restart"):
+    assert row.layout.display == "none" and widget.worker_rows["gpu0"].layout.display is None
+    for action in ("start", "stop", "restart", "log"):
         button = row.buttons[action]
         assert button.description == action
         assert f"gpupanel-{action}-gpu1" in button._dom_classes
@@ -198,10 +207,11 @@ def test_contents_and_dom_hooks(widget: PanelWidget) -> None:
     assert "qwen2.5:0.5b</b> 2.0 GiB VRAM" in row.info.value
     assert row.base_url.value == "http://127.0.0.1:8765/proxy/gpu1/v1"
     assert "owner team-a" in widget.worker_rows["gpu0"].info.value
-    assert "near_full_gpu" in widget.warnings.value and "GPU 0 is full" in widget.warnings.value
+    assert "near_full_gpu" in widget.warnings.text and "GPU 0 is full" in widget.warnings.text
+    assert "near_full_gpu" in widget.gpu_warnings.text  # GPU 0's, beside its controls
     assert "2 GPU(s)" in widget.header.value and "1 warning(s)" in widget.header.value
-    assert widget.load_form.worker.options == ("gpu0", "gpu1")
-    assert widget.load_form.model.options == ("llama3.1:8b", "qwen2.5:0.5b")
+    assert widget.model_form.worker.options == ("gpu0",)  # the selected GPU's worker
+    assert widget.model_form.model.options == ("llama3.1:8b", "qwen2.5:0.5b")
 
     widget.refresh(synthetic(t=1_000_001.0, n=2, simulated=False))
     assert widget.badge.layout.display == "none"
@@ -245,7 +255,7 @@ def test_an_unreachable_control_plane_is_a_message_not_a_traceback(widget: Panel
     assert widget.error.layout.display == "none"
     widget.refresh()  # gone again: the last snapshot stays, marked as such
     assert "Showing the last snapshot" in widget.error.value
-    assert len(widget.gpu_cards) == 8
+    assert len(widget.gpu_rows) == 8
 
 
 def test_a_bad_snapshot_is_reported_and_the_next_good_one_shows(widget: PanelWidget) -> None:
@@ -266,9 +276,9 @@ def test_clicks_submit_commands_and_only_the_binder_shows_them(widget: PanelWidg
     widget.refresh(synthetic(n=2))
     assert "\u2717 restart gpu1: no gpupanel control plane answers" in widget.status.value
 
-    widget.load_form.worker.value = "gpu0"
-    widget.load_form.model.value = ""
-    widget.load_form.estimate_button.click()
+    widget.model_form.worker.value = "gpu0"
+    widget.model_form.model.value = ""
+    widget.model_form.estimate_button.click()
     widget.refresh(synthetic(n=2))
     assert "estimate: type a model name" in widget.status.value
 
@@ -339,7 +349,7 @@ def test_close_stops_the_binder_thread_and_closes_the_widgets(dead_panel: Panel)
     assert thread is not None and thread.is_alive()
     w.close()
     assert not w.running and not thread.is_alive()
-    assert w.comm is None and w.header.comm is None and w.gpus_box.comm is None
+    assert w.comm is None and w.header.comm is None and w.rows_box.comm is None
     passes = w.passes
     time.sleep(0.2)
     assert w.passes == passes and w.refresh() == 0

@@ -10,7 +10,8 @@
   threads correctly, 7.0.x does not (the package excludes it).
 - `Commands`: what button clicks do. A click submits a command to a small thread pool and
   returns; the command's outcome (or error message) waits here until the next pass shows
-  it. Clicks never touch widgets.
+  it. A long command (a pull) reports its progress here as well, for the next passes to
+  show. Clicks and commands never touch widgets.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+
+import ipywidgets
 
 from gpupanel.errors import GpuPanelError
 
@@ -164,7 +167,9 @@ class Commands:
     """Commands submitted by clicks, run on a small pool; their outcomes wait for the binder.
 
     At most one command per `key` (e.g. `worker:gpu1`) is pending at a time: a second click
-    while one runs is ignored. `version` changes whenever pending or outcomes change.
+    while one runs is ignored. A command may `report` its progress under its key (the
+    latest report is kept, after the command ends too, until the key is submitted again).
+    `version` changes whenever pending, outcomes or progress change.
     """
 
     def __init__(self, on_change: Callable[[], None] = lambda: None, max_workers: int = 4) -> None:
@@ -172,17 +177,29 @@ class Commands:
         self._lock = threading.Lock()
         self._pending: dict[str, str] = {}
         self._outcomes: dict[str, Outcome] = {}
+        self._progress: dict[str, Mapping[str, Any]] = {}
         self._seq = itertools.count(1)
         self.version = 0
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gpupanel-cmd")
         self._closed = False
 
-    def submit(self, key: str, label: str, fn: Callable[[], Reply]) -> bool:
-        """Run `fn` in the pool; False (and nothing runs) when `key` is already pending."""
+    def submit(
+        self,
+        key: str,
+        label: str,
+        fn: Callable[[], Reply],
+        progress: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Run `fn` in the pool; False (and nothing runs) when `key` is already pending.
+        `progress`: what to show until the command reports its own (e.g. 0 %)."""
         with self._lock:
             if self._closed or key in self._pending:
                 return False
             self._pending[key] = label
+            if progress is None:
+                self._progress.pop(key, None)
+            else:
+                self._progress[key] = dict(progress)
             self.version += 1
         try:
             self._pool.submit(self._run, key, label, fn)
@@ -192,6 +209,19 @@ class Commands:
             return False
         self.on_change()
         return True
+
+    def report(self, key: str, progress: Mapping[str, Any]) -> None:
+        """Record the progress of the command running under `key` (from its own thread);
+        the next binder pass shows it."""
+        with self._lock:
+            self._progress[key] = dict(progress)
+            self.version += 1
+        self.on_change()
+
+    def progress(self, key: str) -> Mapping[str, Any] | None:
+        """The latest progress reported under `key`, or None."""
+        with self._lock:
+            return self._progress.get(key)
 
     def note(self, key: str, label: str, message: str, ok: bool = False) -> None:
         """Record an outcome without running anything (e.g. a form field that is wrong)."""
@@ -240,3 +270,32 @@ class Commands:
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def close_tree(root: Any) -> None:
+    """Close a widget and everything it holds (a plain `close()` leaves children open)."""
+    for child in descendants(root):
+        child.close()
+    root.close()
+
+
+def descendants(root: Any) -> list[Any]:
+    """Every widget reachable from `root` through its traits (children, layouts, marks...),
+    deepest first, `root` excluded."""
+    seen: set[int] = {id(root)}
+    out: list[Any] = []
+
+    def walk(widget: Any) -> None:
+        for name in widget.keys:
+            value = getattr(widget, name, None)
+            items = list(value.values()) if isinstance(value, dict) else value
+            if not isinstance(items, (list, tuple)):
+                items = [items]
+            for item in items:
+                if isinstance(item, ipywidgets.Widget) and id(item) not in seen:
+                    seen.add(id(item))
+                    walk(item)
+                    out.append(item)
+
+    walk(root)
+    return out

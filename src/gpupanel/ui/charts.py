@@ -1,5 +1,9 @@
-"""One light bqplot figure per GPU: VRAM used against total (GiB, left axis) and
-utilisation (%, right axis) over the last few minutes, drawn from a `History`."""
+"""The panel's bqplot figures, drawn from each GPU's `History` (the last few minutes):
+
+- `GpuChart`: one GPU, VRAM used against total (GiB, left axis) and utilisation (%, right
+  axis); the panel shows the selected GPU's.
+- `VramChart`: VRAM used of every GPU over time, one line per GPU.
+"""
 
 from __future__ import annotations
 
@@ -95,14 +99,15 @@ class GpuChart:
             layout=ipywidgets.Layout(width="100%", height="180px"),
         )
         self.figure.add_class("gpupanel-chart")
-        self._version = -1
+        self._drawn: tuple[str, int] | None = None
 
-    def update(self, batch: Batch, history: History) -> None:
-        """Push the History's samples to the marks if there are new ones."""
-        if history.version == self._version:
+    def update(self, batch: Batch, history: History, source: str = "") -> None:
+        """Push the History's samples to the marks if there are new ones (or if `source`,
+        the GPU it is drawn for, changed)."""
+        if self._drawn == (source, history.version):
             return
-        self._version = history.version
-        t = np.array([round(s * 1000) for s in history.times()], dtype="datetime64[ms]")
+        self._drawn = (source, history.version)
+        t = _times(history)
         for mark, name, scale in (
             (self.used, "used", GIB),
             (self.total, "total", GIB),
@@ -113,3 +118,69 @@ class GpuChart:
         top = history.latest("total")
         if top:
             batch.set(self.gib_scale, "max", float(math.ceil(top / GIB * 1.05)))
+
+
+def _times(history: History) -> np.ndarray[Any, Any]:
+    return np.array([round(s * 1000) for s in history.times()], dtype="datetime64[ms]")
+
+
+class VramChart:
+    """VRAM used of every GPU over time (GiB), one line per GPU in the overview's order."""
+
+    def __init__(self) -> None:
+        self.x_scale = bqplot.DateScale()
+        self.y_scale = bqplot.LinearScale(min=0.0)
+        self.figure = bqplot.Figure(
+            marks=[],
+            axes=[
+                bqplot.Axis(scale=self.x_scale, side="bottom", tick_format="%H:%M:%S", num_ticks=4),
+                bqplot.Axis(
+                    scale=self.y_scale, side="left", label="GiB", tick_format=".0f", num_ticks=4
+                ),
+            ],
+            animation_duration=0,
+            padding_x=0.0,
+            padding_y=0.0,
+            fig_margin={"top": 8, "bottom": 28, "left": 48, "right": 16},
+            layout=ipywidgets.Layout(width="100%", height="200px"),
+        )
+        self.figure.add_class("gpupanel-vram-chart")
+        self.lines: dict[str, bqplot.Lines] = {}
+        self._drawn: dict[str, int] = {}
+
+    def update(self, batch: Batch, histories: Sequence[tuple[str, str, str, History]]) -> None:
+        """Draw (uuid, label, colour, history) for each GPU; lines of GPUs no longer listed
+        go, and a line is redrawn only when its History has new samples."""
+        wanted = [uuid for uuid, _, _, _ in histories]
+        if list(self.lines) != wanted:
+            old = self.lines
+            self.lines = {}
+            for uuid, label, colour, _ in histories:
+                line = old.pop(uuid, None)
+                if line is None:
+                    line = bqplot.Lines(
+                        x=np.array([], dtype="datetime64[ms]"),
+                        y=np.empty(0),
+                        scales={"x": self.x_scale, "y": self.y_scale},
+                        colors=[colour],
+                        labels=[label],
+                        stroke_width=1.8,
+                    )
+                self.lines[uuid] = line
+            for line in old.values():
+                line.close()
+            self._drawn = {u: v for u, v in self._drawn.items() if u in self.lines}
+            batch.put(self.figure, "marks", list(self.lines.values()))
+        top = 0.0
+        for uuid, _, colour, history in histories:
+            line = self.lines[uuid]
+            batch.set(line, "colors", [colour])
+            total = history.latest("total")
+            top = max(top, float(total or 0) / GIB)
+            if self._drawn.get(uuid) == history.version:
+                continue
+            self._drawn[uuid] = history.version
+            batch.put(line, "x", _times(history))
+            batch.put(line, "y", _floats(history.series("used"), GIB))
+        if top:
+            batch.set(self.y_scale, "max", float(math.ceil(top * 1.05)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import html
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gpupanel.core.units import gib
@@ -89,6 +90,23 @@ PANEL_CSS = """<style>
 .gpupanel-panel .widget-html-content { line-height: 1.4; }
 .gpupanel-panel .widget-html, .gpupanel-panel .widget-html-content { margin-top: 1px; margin-bottom: 1px; }
 .gpupanel-panel table td, .gpupanel-panel table th { line-height: 1.3; }
+.gpupanel-panel table.gpupanel-grid { table-layout: fixed; width: 100%; border-collapse: collapse; font-size: 0.9em; }
+.gpupanel-panel table.gpupanel-grid td, .gpupanel-panel table.gpupanel-grid th {
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; padding: 2px 6px 2px 4px;
+  text-align: left; vertical-align: middle; }
+.gpupanel-panel table.gpupanel-grid th { color: #374151; font-weight: 600; border-bottom: 2px solid #d1d5db; }
+.gpupanel-panel .gpupanel-gpu { position: relative; border-bottom: 1px solid #e5e7eb; }
+.gpupanel-panel .gpupanel-gpu:hover { background: #f9fafb; }
+.gpupanel-panel .gpupanel-gpu.gpupanel-selected { background: #eff6ff; box-shadow: inset 3px 0 0 #2563eb; }
+.gpupanel-panel .gpupanel-gpu .gpupanel-select {
+  position: absolute !important; left: 0; top: 0; width: 100% !important; height: 100% !important;
+  margin: 0 !important; padding: 0 !important; opacity: 0; z-index: 2; cursor: pointer; }
+.gpupanel-panel .gpupanel-controls { border: 1px solid #d1d5db; border-radius: 4px; padding: 4px 8px; margin-top: 6px; }
+.gpupanel-panel .gpupanel-log-tail { display: flex; flex-direction: column-reverse; max-height: 220px;
+  overflow: auto; background: #111827; }
+.gpupanel-panel .gpupanel-log pre { margin: 0; padding: 4px 6px; color: #e5e7eb; background: #111827;
+  font-size: 0.82em; line-height: 1.35; white-space: pre-wrap; }
+.gpupanel-panel .gpupanel-warning { border-bottom: 1px solid #f3f4f6; }
 </style>"""
 """Scoped to the panel: compact lines in the HTML widgets."""
 
@@ -128,21 +146,12 @@ def gpu_title_html(gpu: Mapping[str, Any]) -> str:
     )
 
 
-def gpu_figures_html(gpu: Mapping[str, Any]) -> str:
-    """VRAM used/total, utilisation, power against its limit, temperature."""
-    mem = gpu.get("memory") or {}
-    used, total = mem.get("used"), mem.get("total")
-    pct = f" ({used * 100 / total:.0f} %)" if used is not None and total else ""
-    util = (gpu.get("utilization") or {}).get("gpu")
-    power, limit = gpu.get("power_w"), gpu.get("power_limit_w")
-    power_text = "?" if power is None else f"{power:.0f}"
-    limit_text = "" if limit is None else f" / {limit:.0f}"
-    temp = gpu.get("temperature_c")
+def selected_html(gpu: Mapping[str, Any]) -> str:
+    """The selected GPU in one line: index, name, the whole UUID."""
+    lost = f" {_pill('LOST', '#b91c1c')}" if gpu.get("lost") else ""
     return (
-        f"VRAM <b>{gib(used)}</b> of {gib(total)}{pct} \u00b7 "
-        f"util <b>{'?' if util is None else util} %</b> \u00b7 "
-        f"power {power_text}{limit_text} W \u00b7 "
-        f"{'?' if temp is None else temp} \u00b0C"
+        f"<b>GPU {esc(gpu.get('index'))}</b> \u00b7 {esc(gpu.get('name') or 'unknown')}{lost} "
+        f'\u00b7 <code style="font-size:0.85em">{esc(gpu.get("uuid"))}</code>'
     )
 
 
@@ -235,31 +244,11 @@ def worker_html(worker: Mapping[str, Any], pending: str | None = None) -> str:
     if worker.get("last_error"):
         lines.append(f'<span style="color:#b91c1c">last error: {esc(worker["last_error"])}</span>')
     if pending:
-        lines.append(f'<span style="color:#2563eb">\u23f3 {esc(pending)}\u2026</span>')
+        lines.append(f'<span style="color:#2563eb">\u21bb {esc(pending)}\u2026</span>')
     return "<br>".join(lines)
 
 
 # ---- warnings and requests ------------------------------------------------------------------
-
-
-def warnings_html(warnings: Sequence[Mapping[str, Any]]) -> str:
-    """Warnings, most severe first: severity, code, subject, message, since."""
-    if not warnings:
-        return f'<b>Warnings</b> <span style="{MUTED}">none</span>'
-    order = {"critical": 0, "warning": 1, "info": 2}
-    rows = [
-        (
-            _pill(str(w.get("severity")), SEVERITY_COLOURS.get(str(w.get("severity")), "#6b7280")),
-            f"<code>{esc(w.get('code'))}</code>",
-            esc(w.get("subject")),
-            esc(w.get("message")),
-            clock(w.get("since")),
-        )
-        for w in sorted(warnings, key=lambda w: (order.get(str(w.get("severity")), 3), w["code"]))
-    ]
-    return f"<b>Warnings ({len(warnings)})</b>" + _table(
-        ["severity", "code", "subject", "message", "since"], rows
-    )
 
 
 def _size(n: float | None) -> str:
@@ -333,3 +322,386 @@ def estimate_html(estimate: Mapping[str, Any] | None, where: str = "") -> str:
         '<b style="color:#15803d">fits</b>' if fits else '<b style="color:#b91c1c">does not fit</b>'
     )
     return f"guard{esc(where)}: {verdict} \u2014 {esc(estimate.get('explain'))}"
+
+
+# ---- the overview: one row per GPU ----------------------------------------------------------
+
+OVERVIEW_COLUMNS: tuple[tuple[str, str, float], ...] = (
+    ("gpu", "GPU", 3.5),
+    ("name", "name", 15.5),
+    ("uuid", "UUID", 9.0),
+    ("vram", "VRAM used / total", 14.0),
+    ("util", "util", 4.5),
+    ("power", "power", 5.0),
+    ("temp", "temp", 4.5),
+    ("workers", "worker \u00b7 status \u00b7 pin", 15.0),
+    ("models", "loaded models", 14.0),
+    ("inflight", "in flight", 5.0),
+    ("warnings", "warnings", 10.0),
+)
+"""The overview's columns: hook (`gpupanel-col-<hook>` on each cell), heading, width in % of
+the row (every row is its own one-row table; the shared widths line the rows up)."""
+
+VRAM_BAR_PX = 70
+UUID_HEX = 8
+
+
+def short_uuids(uuids: Iterable[str], digits: int = UUID_HEX) -> dict[str, str]:
+    """Each GPU UUID as `GPU-` and its first `digits` characters, longer where two of
+    `uuids` would look alike (the full UUID is in the row's tooltip and the GPU's detail)."""
+    unique = list(dict.fromkeys(uuids))
+    bodies = {u: u[4:] if u.startswith("GPU-") else u for u in unique}
+    out: dict[str, str] = {}
+    for u in unique:
+        body, n = bodies[u], digits
+        while n < len(body) and any(o != u and bodies[o][:n] == body[:n] for o in unique):
+            n += 1
+        out[u] = u[: len(u) - len(body)] + body[:n]
+    return out
+
+
+def vram_fraction(used: float | None, total: float | None) -> float | None:
+    """used / total in [0, 1]; None when either is unknown (or total is 0)."""
+    if used is None or not total:
+        return None
+    return min(1.0, max(0.0, float(used) / float(total)))
+
+
+def vram_colour(fraction: float | None) -> str:
+    """Green below 80 %, amber below 95 % (`near_full_gpu`), red from there."""
+    if fraction is None:
+        return "#9ca3af"
+    return "#16a34a" if fraction < 0.8 else "#d97706" if fraction < 0.95 else "#dc2626"
+
+
+def vram_bar_html(used: float | None, total: float | None) -> str:
+    """A small bar filled to used/total, then `used / total GiB`."""
+    fraction = vram_fraction(used, total)
+    width = 0.0 if fraction is None else round(fraction * 100, 1)
+    bar = (
+        f'<span class="gpupanel-vram-bar" title="{"?" if fraction is None else f"{width:g} %"}" '
+        f'style="display:inline-block;width:{VRAM_BAR_PX}px;height:9px;background:#e5e7eb;'
+        'border-radius:2px;vertical-align:middle;margin-right:6px;overflow:hidden">'
+        f'<span style="display:block;width:{width:g}%;height:100%;'
+        f'background:{vram_colour(fraction)}"></span></span>'
+    )
+    return f"{bar}{gib(used, unit=False)} / {gib(total, unit=False)} GiB"
+
+
+def _short_name(name: Any) -> str:
+    text = str(name or "unknown")
+    return text[len("NVIDIA ") :] if text.startswith("NVIDIA ") else text
+
+
+def _number(value: Any, unit: str, digits: int = 0) -> str:
+    return "?" if value is None else f"{float(value):.{digits}f} {unit}"
+
+
+def workers_on(uuid: str, workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Ids of the workers pinned to the GPU `uuid`, sorted."""
+    return sorted(wid for wid, w in workers.items() if w.get("gpu_uuid") == uuid)
+
+
+def _worker_cell(worker: Mapping[str, Any]) -> str:
+    status, pin = str(worker.get("status")), str(worker.get("pin"))
+    return (
+        f"<b>{esc(worker.get('id'))}</b> "
+        f'<span style="color:{STATUS_COLOURS.get(status, "#6b7280")}">{esc(status)}</span> '
+        f'<span style="color:{PIN_COLOURS.get(pin, "#6b7280")}">{esc(pin)}</span>'
+    )
+
+
+def _models_cell(workers: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    names, plain = [], []
+    for w in workers:
+        for m in w.get("models_loaded") or ():
+            size, vram = m.get("size"), m.get("size_vram")
+            on_cpu = size is not None and vram is not None and vram < size
+            names.append(
+                esc(m.get("name")) + (' <span style="color:#b45309">(CPU)</span>' if on_cpu else "")
+            )
+            plain.append(str(m.get("name")))
+    if not names:
+        return f'<span style="{MUTED}">none</span>', ""
+    return ", ".join(names), ", ".join(plain)
+
+
+SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+def by_severity(warnings: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Most severe first, then by code and subject."""
+    return sorted(
+        warnings,
+        key=lambda w: (
+            SEVERITY_ORDER.get(str(w.get("severity")), 3),
+            str(w.get("code")),
+            str(w.get("subject")),
+        ),
+    )
+
+
+def warnings_of_gpu(
+    gpu: Mapping[str, Any],
+    warnings: Iterable[Mapping[str, Any]],
+    workers: Mapping[str, Mapping[str, Any]],
+) -> list[Mapping[str, Any]]:
+    """The warnings about one GPU: its own (subject its UUID), those of the workers pinned to
+    it (`<worker>` or `<worker>/<model>`) and of the processes on it (`pid:<pid>`); most
+    severe first."""
+    uuid = str(gpu.get("uuid"))
+    ids = set(workers_on(uuid, workers))
+    pids = {f"pid:{p.get('pid')}" for p in gpu.get("processes") or ()}
+    mine = [
+        w
+        for w in warnings
+        if (subject := str(w.get("subject"))) == uuid
+        or subject in pids
+        or subject.split("/", 1)[0] in ids
+    ]
+    return by_severity(mine)
+
+
+def _warnings_cell(warnings: Sequence[Mapping[str, Any]]) -> str:
+    if not warnings:
+        return f'<span style="{MUTED}">\u2014</span>'
+    first = warnings[0]
+    colour = SEVERITY_COLOURS.get(str(first.get("severity")), "#6b7280")
+    more = f" +{len(warnings) - 1}" if len(warnings) > 1 else ""
+    return f"{_pill(str(first.get('code')), colour)}{more}"
+
+
+def overview_head_html() -> str:
+    """The overview's heading row (same column widths as every row)."""
+    cols = "".join(f'<col style="width:{w}%">' for _, _, w in OVERVIEW_COLUMNS)
+    heads = "".join(f"<th>{esc(title)}</th>" for _, title, _ in OVERVIEW_COLUMNS)
+    return f'<table class="gpupanel-grid"><colgroup>{cols}</colgroup><tr>{heads}</tr></table>'
+
+
+def overview_row_html(
+    gpu: Mapping[str, Any],
+    workers: Mapping[str, Mapping[str, Any]],
+    warnings: Sequence[Mapping[str, Any]],
+    in_flight: int,
+    short_uuid: str,
+) -> str:
+    """One GPU as a row of the overview: index, name, short UUID, VRAM bar, utilisation,
+    power, temperature, its workers (status, pin), loaded models, requests in flight, its
+    warnings (`warnings` as `warnings_of_gpu` gives them). Full texts are in tooltips."""
+    mem = gpu.get("memory") or {}
+    used, total = mem.get("used"), mem.get("total")
+    util = (gpu.get("utilization") or {}).get("gpu")
+    limit = gpu.get("power_limit_w")
+    mine = [workers[wid] for wid in workers_on(str(gpu.get("uuid")), workers)]
+    models_html, models_text = _models_cell(mine)
+    index = gpu.get("index")
+    lost = f" {_pill('LOST', '#b91c1c')}" if gpu.get("lost") else ""
+    cells = {
+        "gpu": f"<b>{'?' if index is None else esc(index)}</b>{lost}",
+        "name": esc(_short_name(gpu.get("name"))),
+        "uuid": f"<code>{esc(short_uuid)}</code>",
+        "vram": vram_bar_html(used, total),
+        "util": "?" if util is None else f"{esc(util)} %",
+        "power": _number(gpu.get("power_w"), "W"),
+        "temp": "?" if gpu.get("temperature_c") is None else f"{esc(gpu['temperature_c'])} \u00b0C",
+        "workers": ", ".join(_worker_cell(w) for w in mine)
+        or f'<span style="{MUTED}">no worker</span>',
+        "models": models_html,
+        "inflight": str(in_flight) if in_flight else f'<span style="{MUTED}">0</span>',
+        "warnings": _warnings_cell(warnings),
+    }
+    titles = {
+        "name": str(gpu.get("name") or ""),
+        "uuid": str(gpu.get("uuid") or ""),
+        "power": "" if limit is None else f"limit {float(limit):.0f} W",
+        "models": models_text,
+        "warnings": "\n".join(str(w.get("message")) for w in warnings),
+    }
+    cols = "".join(f'<col style="width:{w}%">' for _, _, w in OVERVIEW_COLUMNS)
+    tds = "".join(
+        f'<td class="gpupanel-col-{key}"'
+        + (f' title="{esc(titles[key])}"' if titles.get(key) else "")
+        + f">{cells[key]}</td>"
+        for key, _, _ in OVERVIEW_COLUMNS
+    )
+    return f'<table class="gpupanel-grid"><colgroup>{cols}</colgroup><tr>{tds}</tr></table>'
+
+
+def stub_gpu(uuid: str) -> dict[str, Any]:
+    """A row for a GPU that workers are pinned to but the snapshot does not list."""
+    return {"uuid": uuid, "index": None, "name": "not present", "memory": {}, "processes": []}
+
+
+# ---- warnings and the actions that fix them -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WarningAction:
+    """What fixes a warning, as the panel offers it: `kind` is `restart`, `start`, `unload`,
+    `pull` or `stop_pid`; `confirm` asks before doing it (stopping a process)."""
+
+    kind: str
+    label: str
+    worker: str | None = None
+    model: str | None = None
+    pid: int | None = None
+    confirm: bool = False
+
+
+def warning_action(
+    warning: Mapping[str, Any], workers: Mapping[str, Mapping[str, Any]]
+) -> WarningAction | None:
+    """The action that fixes `warning`, where the panel has one (docs/api.md, "Warning
+    codes"): restart a worker pinned to the wrong GPU or spilled to others, or down; start a
+    worker out of its crash loop; unload a model that spilled to the CPU; pull a missing
+    model; stop (after a confirmation) an unmanaged GPU process or the process holding a
+    worker's port. None for the rest (a hot or full GPU, a lost one, the state file)."""
+    code, subject = str(warning.get("code")), str(warning.get("subject"))
+    worker_id, _, model = subject.partition("/")
+    worker = workers.get(worker_id)
+    if code in ("pinned_to_wrong_gpu", "cross_gpu_memory", "endpoint_down") and worker:
+        return WarningAction("restart", f"restart {worker_id}", worker=worker_id)
+    if code == "crash_loop" and worker:
+        return WarningAction("start", f"start {worker_id}", worker=worker_id)
+    if code == "model_on_cpu" and worker and model:
+        return WarningAction("unload", f"unload {model}", worker=worker_id, model=model)
+    if code == "missing_model" and worker and model:
+        return WarningAction("pull", f"pull {model}", worker=worker_id, model=model)
+    if code == "unmanaged_worker" and subject.startswith("pid:") and subject[4:].isdigit():
+        pid = int(subject[4:])
+        return WarningAction("stop_pid", f"stop pid {pid}", pid=pid, confirm=True)
+    if code == "port_taken" and worker:
+        holder = worker.get("blocked_by") or {}
+        held = holder.get("pid") if isinstance(holder, Mapping) else None
+        if isinstance(held, int):
+            return WarningAction("stop_pid", f"stop pid {held}", pid=held, confirm=True)
+    return None
+
+
+def warning_html(warning: Mapping[str, Any]) -> str:
+    """One warning on a line: severity, code, subject, message, since."""
+    severity = str(warning.get("severity"))
+    return (
+        f"{_pill(severity, SEVERITY_COLOURS.get(severity, '#6b7280'))} "
+        f"<code>{esc(warning.get('code'))}</code> <b>{esc(warning.get('subject'))}</b> "
+        f"{esc(warning.get('message'))} "
+        f'<span style="{MUTED}">since {clock(warning.get("since"))}</span>'
+    )
+
+
+def warnings_title_html(count: int, scope: str = "") -> str:
+    """The heading of a warning list."""
+    where = f" {esc(scope)}" if scope else ""
+    if not count:
+        return f'<b>Warnings{where}</b> <span style="{MUTED}">none</span>'
+    return f"<b>Warnings{where} ({count})</b>"
+
+
+def confirm_html(action: WarningAction, gpu_processes: Mapping[int, Mapping[str, Any]]) -> str:
+    """The question asked before stopping a process."""
+    proc = gpu_processes.get(action.pid) if action.pid is not None else None
+    holds = (
+        f" (it holds {gib(proc.get('used_memory'))} on GPU {esc(proc.get('gpu_index'))})"
+        if proc
+        else ""
+    )
+    return (
+        f'<b style="color:#b91c1c">Stop pid {esc(action.pid)}?</b>{holds} It is not a gpupanel '
+        "worker: it gets SIGTERM, then SIGKILL after the grace period, with its child "
+        "processes."
+    )
+
+
+# ---- pulls ----------------------------------------------------------------------------------
+
+
+class PullTally:
+    """The progress of one pull from its streamed lines (docs/api.md, `POST .../pull`):
+    bytes completed over the bytes of the layers seen so far, never going back, and 100 %
+    only once the pull says `success`."""
+
+    def __init__(self, worker: str, model: str) -> None:
+        self.worker, self.model = worker, model
+        self._layers: dict[str, tuple[int, int]] = {}
+        self.percent = 0.0
+        self.status = "starting"
+
+    def add(self, line: Mapping[str, Any]) -> dict[str, Any]:
+        """Take one progress line; the progress to show."""
+        digest, total = line.get("digest"), line.get("total")
+        if isinstance(digest, str) and isinstance(total, int) and total > 0:
+            completed = line.get("completed")
+            done = completed if isinstance(completed, int) else 0
+            self._layers[digest] = (min(max(done, 0), total), total)
+        self.status = str(line.get("status") or self.status)
+        if self.status == "success":
+            self.percent = 100.0
+        elif self._layers:
+            done = sum(c for c, _ in self._layers.values())
+            size = sum(t for _, t in self._layers.values())
+            self.percent = max(self.percent, min(99.0, done * 100.0 / size))
+        return self.progress()
+
+    def progress(self) -> dict[str, Any]:
+        """What the panel shows: worker, model, status, percent, bytes done and known."""
+        return {
+            "worker": self.worker,
+            "model": self.model,
+            "status": self.status,
+            "percent": self.percent,
+            "completed": sum(c for c, _ in self._layers.values()),
+            "total": sum(t for _, t in self._layers.values()),
+        }
+
+
+def pull_html(progress: Mapping[str, Any] | None, running: bool) -> str:
+    """The line beside the pull's bar: model, worker, status, percent, bytes."""
+    if not progress:
+        return ""
+    state = "pulling" if running else "pull"
+    size = (
+        f" \u00b7 {_size(progress.get('completed'))} of {_size(progress.get('total'))}"
+        if progress.get("total")
+        else ""
+    )
+    return (
+        f"{state} <b>{esc(progress.get('model'))}</b> on {esc(progress.get('worker'))}: "
+        f"{esc(progress.get('status'))} \u00b7 {float(progress.get('percent') or 0):.0f} %{size}"
+    )
+
+
+# ---- logs -----------------------------------------------------------------------------------
+
+
+def log_html(
+    worker_id: str, lines: Sequence[str] | None, error: str | None, when: float | None
+) -> str:
+    """The tail of a worker's log in a dark box (newest line last)."""
+    head = (
+        f"<b>Log of {esc(worker_id)}</b> "
+        f'<span style="{MUTED}">last {len(lines or ())} line(s), read {clock(when)}, '
+        "refreshed every few seconds</span>"
+    )
+    if error:
+        return f'{head}<br><span style="color:#b91c1c">{esc(error)}</span>'
+    body = "\n".join(esc(line) for line in lines or ()) or "(empty)"
+    # column-reverse: the box opens scrolled to its end, the newest line
+    return f'{head}<div class="gpupanel-log-tail"><pre>{body}</pre></div>'
+
+
+# ---- the combined VRAM chart ----------------------------------------------------------------
+
+PALETTE = (
+    "#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777",
+    "#4b5563", "#65a30d",
+)  # fmt: skip
+"""Line colours of the combined chart, by GPU position."""
+
+
+def vram_key_html(labels: Sequence[tuple[str, str]]) -> str:
+    """The key of the combined chart: (label, colour) per GPU."""
+    items = " ".join(f'<span style="color:{c}">\u2501 {esc(label)}</span>' for label, c in labels)
+    return (
+        f'<span style="font-size:0.85em"><span style="{MUTED}">VRAM used per GPU (GiB), '
+        f"last 5 min:</span> {items}</span>"
+    )

@@ -8,7 +8,7 @@ these members.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 
@@ -75,4 +75,26 @@ class PanelSource(Protocol):
         force: bool = False,
     ) -> Mapping[str, Any]:
         """Load a model behind the guard; `estimate` and `problems`."""
+        ...
+
+    def unload(self, worker_id: str, model: str) -> Mapping[str, Any]:
+        """Drop a model from a worker's memory now."""
+        ...
+
+    def pull(
+        self,
+        worker_id: str,
+        model: str,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Mapping[str, Any]:
+        """Pull a model onto a worker, calling `progress` with each progress line as it
+        streams (`{"status", "digest"?, "total"?, "completed"?}`); the last line."""
+        ...
+
+    def log(self, worker_id: str, lines: int = 50) -> list[str]:
+        """The last `lines` lines of a worker's log."""
+        ...
+
+    def stop_process(self, pid: int, force: bool = False) -> str:
+        """Stop a process by pid (`force` for one that is no worker's); the result line."""
         ...
