@@ -118,7 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for node in plane.plane.nodes[1:]:  # other hosts of a Ray cluster (docs/cluster.md)
         for worker_id in node.worker_ids():
             w = node.spec(worker_id)
-            print(f"  worker {w.id:<10} {w.runtime:<8} GPU {w.gpu} port {w.port}  on node {node.name}")
+            print(
+                f"  worker {w.id:<10} {w.runtime:<8} GPU {w.gpu} port {w.port}  on node {node.name}"
+            )
     print("Ctrl-C stops the control plane; workers keep running.", flush=True)
 
     async def main() -> None:

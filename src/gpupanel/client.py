@@ -27,7 +27,7 @@ import ssl
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, overload
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -39,6 +39,7 @@ from gpupanel.errors import ConfigError, GpuPanelError
 if TYPE_CHECKING:
     from gpupanel.api.schemas import JsonBody
     from gpupanel.services.runtime import ControlPlane
+    from gpupanel.ui.side import SideView
     from gpupanel.ui.widgets import PanelWidget
 
 SNAPSHOT_TIMEOUT_S = 5.0
@@ -459,11 +460,24 @@ class Panel:
 
     # ---- display and lifetime ----------------------------------------------------------------
 
-    def show(self) -> PanelWidget:
-        """The live widget panel (ipywidgets + bqplot)."""
+    @overload
+    def show(self, area: None = None) -> PanelWidget: ...
+    @overload
+    def show(self, area: str) -> SideView: ...
+    def show(self, area: str | None = None) -> PanelWidget | SideView:
+        """The live widget panel (ipywidgets + bqplot). `area="right"` (or "split-right",
+        ... `gpupanel.ui.side.AREAS`): show it in a JupyterLab side area instead, with the
+        `sidecar` package (a clear GpuPanelError without it); returns a handle whose
+        `close()` closes it."""
         from gpupanel.ui.widgets import PanelWidget
 
-        return PanelWidget(self)
+        if area is None:
+            return PanelWidget(self)
+        from gpupanel.ui.side import SideView, check_area, sidecar_class
+
+        check_area(area)
+        sidecar_class()  # the messages before a binder starts for nothing
+        return SideView(PanelWidget(self), area)
 
     def shutdown(self) -> None:
         """Stop the control plane running in this process (workers keep running)."""

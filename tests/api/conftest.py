@@ -445,7 +445,7 @@ class FakeNode:
         if self.on_refresh_models is not None:
             self.on_refresh_models(worker_id)
 
-    def log(self, worker_id: str, lines: int) -> list[str]:
+    async def log(self, worker_id: str, lines: int) -> list[str]:
         self._call("log", worker_id, lines)
         return self.log_lines[-lines:]
 

@@ -38,6 +38,7 @@ PANEL_ROUTES = {
     ("post", "/panel/apps"),
     ("delete", "/panel/apps/{name}"),
     ("post", "/panel/processes/{pid}/stop"),
+    ("get", "/panel/usage"),
 }
 PROXY_ROUTES = {
     ("post", "/v1/chat/completions"),
@@ -50,6 +51,7 @@ PROXY_ROUTES = {
     ("post", "/proxy/{worker}/api/{path}"),
     ("delete", "/proxy/{worker}/api/{path}"),
 }
+METRICS_ROUTES = {("get", "/metrics")}  # served by api/metrics.py, described in the document
 WITH_INPUT = {  # a body or a query: a 400 names the field
     ("get", "/panel/estimate"),
     ("get", "/panel/workers/{id}/log"),
@@ -58,6 +60,7 @@ WITH_INPUT = {  # a body or a query: a 400 names the field
     ("post", "/panel/workers/{id}/pull"),
     ("post", "/panel/apps"),
     ("post", "/panel/processes/{pid}/stop"),
+    ("get", "/panel/usage"),
 }
 
 
@@ -105,7 +108,7 @@ async def test_the_document_is_valid_openapi(rig: Rig) -> None:
 
 async def test_it_lists_every_panel_route_and_the_proxy_routes(rig: Rig) -> None:
     doc = await document(rig)
-    assert operations(doc) == PANEL_ROUTES | PROXY_ROUTES
+    assert operations(doc) == PANEL_ROUTES | PROXY_ROUTES | METRICS_ROUTES
     # Each documented /panel route is served (the answer is never "no route").
     filled = {"{id}": "a", "{name}": "nobody", "{pid}": "777"}
     for method, path in sorted(PANEL_ROUTES - {("get", "/panel/events")}):
@@ -122,7 +125,7 @@ async def test_fastapi_never_routes_the_proxy(rig: Rig) -> None:
     api = panel.build(rig.plane)
     transport = httpx.ASGITransport(app=api)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as alone:
-        for method, path in sorted(PROXY_ROUTES):
+        for method, path in sorted(PROXY_ROUTES | METRICS_ROUTES):
             url = path.replace("{worker}", "a").replace("{path}", "tags")
             r = await alone.request(method.upper(), url)
             assert r.status_code == 404, (method, path)

@@ -66,9 +66,12 @@ def test_every_worker_field_is_a_known_key() -> None:
         "alias": "m",
         "autostart": False,
     }
-    assert set(worker) == {f.name for f in dataclasses.fields(WorkerSpec)}
+    assert set(worker) | {"node"} == {f.name for f in dataclasses.fields(WorkerSpec)}
     (spec,) = parse_config({"workers": [worker]}, "f.toml", GPUS).workers
     assert spec.gpu == "GPU-bbb" and spec.autostart is False and spec.command == ("llama-server",)
+    # on another node of a cluster (tests/core/test_config_cluster.py), the index waits for it
+    (spec,) = parse_config({"workers": [{**worker, "node": "n2"}]}, "f.toml", GPUS).workers
+    assert (spec.node, spec.gpu) == ("n2", "1")
 
 
 def test_environment_names() -> None:

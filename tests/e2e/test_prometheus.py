@@ -137,10 +137,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Panel, Pro
 
 def test_dcgm_framebuffer_per_uuid_is_the_panel_snapshot(stack: tuple[Panel, Prometheus]) -> None:
     panel, prometheus = stack
+    # A model loaded on worker a holds memory on its GPU: the values compared are not all zero.
+    assert panel.post("/panel/workers/a/load", json={"model": MODEL}).status_code == 200
 
     def agree() -> dict[str, float] | None:
         gpus = panel.http.get("/panel/snapshot").json()["gpus"]
-        expected = {g["uuid"]: float(g["memory"]["used"] // MIB) for g in gpus}
+        expected = {uuid: float(g["memory"]["used"] // MIB) for uuid, g in gpus.items()}
         stored = {
             s["metric"]["UUID"]: float(s["value"][1])
             for s in prometheus.query('DCGM_FI_DEV_FB_USED{job="gpupanel"}')
@@ -149,7 +151,6 @@ def test_dcgm_framebuffer_per_uuid_is_the_panel_snapshot(stack: tuple[Panel, Pro
 
     expected = wait_for(agree, 15, "DCGM_FI_DEV_FB_USED per UUID to equal the snapshot")
     assert len(expected) == 2
-    # The workers hold memory on their GPUs (their loaded models): not a trivially equal zero.
     assert any(used > 0 for used in expected.values())
     labels = prometheus.query('DCGM_FI_DEV_FB_USED{job="gpupanel"}')[0]["metric"]
     assert {"gpu", "UUID", "modelName", "Hostname", "device"} <= set(labels)

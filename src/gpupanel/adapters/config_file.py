@@ -68,11 +68,14 @@ def check_files(config: Config) -> None:
     is one line at load rather than a failed launch. The runtimes' own executables (used when
     `command` is not given) are not checked here: `--simulate` replaces Ollama's after load,
     and a missing one is reported when the worker starts. `[panel] tls_cert` and `tls_key`
-    must be readable PEM files that go together (`check_tls`)."""
+    must be readable PEM files that go together (`check_tls`). A worker on another node
+    of a cluster (`node`) names files on that node: its agent checks them there."""
     panel = config.panel
     if panel.tls_cert is not None and panel.tls_key is not None:
         check_tls(panel.tls_cert, panel.tls_key, f"{config.source}: [panel]")
     for spec in config.workers:
+        if spec.node is not None:
+            continue
         where = f"{config.source}: worker {spec.id!r}"
         if spec.command:
             _check_command(spec.command[0], where)

@@ -29,3 +29,21 @@ def ensure_admin_token(state_dir: Path) -> str:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         write_atomic(state_dir / TOKEN_FILE, token.encode() + b"\n")  # mkstemp: mode 0600
     return token
+
+
+CLUSTER_TOKEN_FILE = "cluster-token"
+CLUSTER_TOKEN_PREFIX = "gpc-"
+
+
+def ensure_cluster_token(state_dir: Path) -> str:
+    """The cluster token of the plane whose state directory is `state_dir` (made and stored,
+    0600, if there is none yet): the node agents' admin token (docs/cluster.md)."""
+    path = state_dir / CLUSTER_TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if not token:
+        token = CLUSTER_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        write_atomic(path, token.encode() + b"\n")  # mkstemp: mode 0600
+    return token

@@ -2,6 +2,7 @@
 
 ```
 HostGuard -> [Authenticate] -> Audit -> /proxy/..., /v1/...  -> Proxy (raw ASGI, api/proxy.py)
+                                     -> /metrics             -> Metrics (raw ASGI, api/metrics.py)
                                      -> everything else      -> BodyLimit -> the /panel FastAPI app (api/panel.py)
 ```
 
@@ -21,6 +22,8 @@ from gpupanel.api.audit import Audit
 from gpupanel.api.auth import Authenticate, Credentials
 from gpupanel.api.errors import panel_response
 from gpupanel.api.limits import MAX_PANEL_BODY
+from gpupanel.api.metrics import PATH as METRICS_PATH
+from gpupanel.api.metrics import Metrics
 from gpupanel.api.proxy import Proxy
 from gpupanel.api.security import LOOPBACK_NAMES, HostGuard
 from gpupanel.errors import TooLarge
@@ -94,12 +97,15 @@ def build_app(
     that rebinds a name to this host cannot attach a key or the token, so the Host check
     would only refuse the machine's own names (docs/security.md)."""
     proxy = Proxy(plane)
+    metrics = Metrics(plane.meter.registry)
     management = BodyLimit(panel.build(plane))
 
     async def routes(scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path.startswith("/proxy/") or path.startswith("/v1/")):
             await proxy(scope, receive, send)
+        elif scope["type"] == "http" and path == METRICS_PATH:
+            await metrics(scope, receive, send)
         elif scope["type"] == "http" and scope["method"] == "HEAD":
             # A GET route answers HEAD too (the server sends the head only), as before FastAPI.
             await management({**scope, "method": "GET"}, receive, send)

@@ -11,6 +11,7 @@ sends from its `api_key`, and what the `ollama` client sends with
 | proxy: `/v1/...`, `/proxy/...` | 401 | yes (its scopes: api/proxy.py) | yes |
 | `/panel` reads (GET, HEAD, OPTIONS) | 401 | yes (403 when reads need the admin token) | yes |
 | `/panel` writes (any other method) | 401 | 403 | yes |
+| `GET /metrics` (docs/metrics.md) | 401 | 403 | yes |
 | `GET /panel/health`, `/panel/docs`, `/panel/openapi.json`, `/panel/static/...` | yes | yes | yes |
 
 Whatever the source address: once keys are on, loopback is not trusted. A token that is
@@ -42,6 +43,8 @@ ADMIN = Caller("admin", "admin")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/panel/health", "/panel/docs", "/panel/openapi.json"})
 OPEN_PREFIX = "/panel/static/"
+ADMIN_PATHS = frozenset({"/metrics"})
+"""Reads that need the admin token, like a /panel write: what every app sent, per app."""
 CHALLENGE = b'Bearer realm="gpupanel"'
 
 _NEED_KEY = (
@@ -130,9 +133,10 @@ class Authenticate:
                     raise _Refused(401, _NEED_KEY, "invalid_api_key")
             elif caller is None:
                 reads = scope["method"] in SAFE_METHODS and not self.reads_need_admin
+                reads = reads and path not in ADMIN_PATHS
                 raise _Refused(401, _NEED_READ if reads else _NEED_ADMIN, "unauthorized")
             elif caller.kind == "key" and (
-                scope["method"] not in SAFE_METHODS or self.reads_need_admin
+                scope["method"] not in SAFE_METHODS or self.reads_need_admin or path in ADMIN_PATHS
             ):
                 raise _Refused(
                     403,

@@ -15,7 +15,9 @@ hands `/v1/...` and `/proxy/...` to the raw ASGI proxy before this app sees them
   are 404. Never FastAPI's `{"detail": ...}` shape.
 """
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib.resources import files
 from pathlib import Path as FsPath
@@ -29,13 +31,20 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BeforeValidator, Field
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 
 from gpupanel.api import schemas as s
 from gpupanel.api.errors import panel_error, panel_response
 from gpupanel.core.model import jsonable
 from gpupanel.core.snapshot import Snapshot
-from gpupanel.errors import GpuPanelError, Invalid, NotFound
+from gpupanel.core.usage import GROUPINGS, period
+from gpupanel.errors import GpuPanelError, Invalid, NotFound, StateError, Unavailable
 from gpupanel.services.loader import LoadRequest, estimate_json
 from gpupanel.services.plane import Plane
 
@@ -60,11 +69,15 @@ token (403 `admin_only` with a key). Without credentials, or with an unknown, re
 expired token: 401 with `WWW-Authenticate: Bearer`. Open without credentials:
 `/panel/health`, `/panel/docs`, `/panel/openapi.json`. With `auth = "off"` (the default,
 loopback only) no credentials are needed.
+
+`GET /metrics` serves Prometheus metrics (GPUs under the DCGM exporter's names, workers,
+requests, tokens); with `auth = "keys"` it needs the admin token.
 """
 
 TAGS = [
     {"name": "panel", "description": "Management: telemetry, workers, models, apps."},
     {"name": "proxy", "description": "Served by the proxy; OpenAI and Ollama error shapes."},
+    {"name": "metrics", "description": "Prometheus metrics (docs/metrics.md in the project)."},
 ]
 
 _ERRORS = {
@@ -227,7 +240,7 @@ def _router(plane: Plane) -> APIRouter:
         ] = s.DEFAULT_LOG_LINES,
     ) -> Response:
         """The last lines of a worker's log."""
-        return JSONResponse({"worker": id, "lines": plane.log(id, lines)})
+        return JSONResponse({"worker": id, "lines": await plane.log(id, lines)})
 
     async def operate(worker_id: str, action: str) -> Response:
         plane.node_of(worker_id)  # NotFound before anything else
@@ -426,6 +439,49 @@ def _router(plane: Plane) -> APIRouter:
         await plane.refresh()
         return JSONResponse({"deleted": True, "app": jsonable(info)})
 
+    @router.get("/panel/usage", response_model=s.UsageAnswer, responses=_errors(400, 503))
+    async def usage(
+        since: Annotated[
+            str | None,
+            BeforeValidator(s.empty_is_absent),
+            Query(
+                max_length=s.MAX_MOMENT_CHARS,
+                description=(
+                    "Start of the period: a span back from now (`30m`, `24h`, `7d`; units s, "
+                    "m, h, d, w), `now`, or epoch seconds. Default 7d."
+                ),
+                examples=["7d"],
+            ),
+        ] = None,
+        until: Annotated[
+            str | None,
+            BeforeValidator(s.empty_is_absent),
+            Query(
+                max_length=s.MAX_MOMENT_CHARS,
+                description="End of the period, in the same forms. Default now.",
+                examples=["now"],
+            ),
+        ] = None,
+        by: Annotated[
+            str | None,
+            BeforeValidator(s.empty_is_absent),
+            Query(
+                description="Group the rows by app (default), model or worker.",
+                json_schema_extra={"enum": list(GROUPINGS)},
+            ),
+        ] = None,
+    ) -> Response:
+        """Who used how much: requests, errors, tokens and GPU-seconds per app, model or
+        worker over a period, and per hour (docs/api.md, "Usage history")."""
+        asked = period(since, until, by, time.time())
+        if plane.usage is None:
+            raise Unavailable("this control plane keeps no usage history", "usage_off")
+        try:
+            report = await asyncio.to_thread(plane.usage.query, asked)
+        except StateError as exc:
+            raise Unavailable(str(exc), "usage_unreadable") from None
+        return JSONResponse(report.to_json())
+
     @router.post(
         "/panel/processes/{pid}/stop",
         response_model=s.StopProcessAnswer,
@@ -576,6 +632,37 @@ for _method in ("get", "post", "delete"):
         """Any method, path, query and body, to that worker. After a pull, create, copy,
         delete, or a load or unload, its model list is read again before the answer ends."""
         return _served_by_the_proxy()
+
+
+@PROXY_DOCS.get(
+    "/metrics",
+    tags=["metrics"],
+    summary="Prometheus metrics",
+    operation_id="metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": (
+                "The Prometheus text format (prometheus_client's `CONTENT_TYPE_LATEST`): GPUs "
+                "under the DCGM exporter's names and labels, workers, requests, tokens, "
+                "warnings. Served by api/metrics.py, not by this app."
+            ),
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        401: {
+            "model": s.PanelError,
+            "description": 'With `auth = "keys"`: no admin token (`unauthorized`).',
+        },
+        403: {
+            "model": s.PanelError,
+            "description": (
+                'A foreign Host or Origin; with `auth = "keys"`, an API key (`admin_only`).'
+            ),
+        },
+    },
+)
+async def _metrics() -> Response:
+    return _served_by_the_proxy()
 
 
 # ---- the OpenAPI document and the docs page -----------------------------------------------------

@@ -13,7 +13,10 @@ chunk as it arrives, with the ASGI server's backpressure.
 An answer that has arrived whole with its headers (a small non-streamed one) goes back in
 one message, without the per-stream hang-up watcher. A client that hangs up cancels the
 upstream request at once. Every forwarded request is in the in-flight registry until it
-ends, however it ends.
+ends, however it ends, and records there what the metrics count when it closes (the
+status, when the first chunk went out, the last `TAIL_CHUNKS` chunks where a runtime puts
+its token counts, a hang-up, failovers): per chunk, only a None check and a tuple shift
+(docs/metrics.md).
 
 The proxy sees the plane through `ProxyPlane` (the snapshot, the traffic registry, and two
 hooks that keep routing current): when a pull, create, copy, delete, load or unload passes
@@ -52,7 +55,7 @@ from urllib.parse import quote, unquote_to_bytes
 from starlette.types import Message, Receive, Scope, Send
 
 from gpupanel.api.caller import CALLER, Caller, caller_of
-from gpupanel.api.errors import dialect_body
+from gpupanel.api.errors import dialect_body, status_of
 from gpupanel.api.limits import loads
 from gpupanel.api.upstream import Response, UpstreamError, UpstreamPool
 from gpupanel.core.names import find_model
@@ -68,7 +71,7 @@ from gpupanel.errors import (
     Unavailable,
     WorkerFailed,
 )
-from gpupanel.services.traffic import InFlight, Traffic, valid_app_name
+from gpupanel.services.traffic import TAIL_CHUNKS, InFlight, Traffic, valid_app_name
 
 MAX_BODY = 16 * 1024 * 1024
 """Bytes a proxied request body may have. A body is held whole while it is routed (and
@@ -131,6 +134,18 @@ class _UpstreamFailed(Exception):
     def __init__(self, message: str, busy: bool = False) -> None:
         super().__init__(message)
         self.busy = busy
+
+
+_KEEP = 1 - TAIL_CHUNKS
+"""`tail[_KEEP:]`: the chunks kept with the next one."""
+
+
+def _failed(entry: InFlight, err: GpuPanelError) -> GpuPanelError:
+    """`err`, about to be answered for a request in flight: the entry records it as failed,
+    with the status the answer will have (the entry closes before the answer is sent)."""
+    entry.failed = True
+    entry.status = status_of(err)[0]
+    return err
 
 
 class _AtLimit(Exception):
@@ -418,10 +433,12 @@ class Proxy:
         try:
             await self._forward(scope, receive, send, worker, target, body, entry, changes)
         except _UpstreamFailed as exc:
-            entry.failed = True
-            raise WorkerFailed(
-                f"worker {worker_id} (port {worker.port}) is not reachable: {exc}",
-                "worker_unreachable",
+            raise _failed(
+                entry,
+                WorkerFailed(
+                    f"worker {worker_id} (port {worker.port}) is not reachable: {exc}",
+                    "worker_unreachable",
+                ),
             ) from None
         finally:
             traffic.close(entry)
@@ -456,8 +473,9 @@ class Proxy:
         target = scope["path"].encode() + (b"?" + query if query else b"")
         failures: list[str] = []
         try:
-            for worker in choice:
+            for tried, worker in enumerate(choice):
                 entry.worker = worker.id
+                entry.failovers = tried  # moved on from each worker before this one
                 try:
                     await self._forward(scope, receive, send, worker, target, body, entry)
                     traffic.bench.succeeded(worker.id)
@@ -465,9 +483,12 @@ class Proxy:
                 except _UpstreamFailed as exc:
                     traffic.bench.failed(worker.id, time.monotonic(), hard=not exc.busy)
                     failures.append(f"{worker.id}: {exc}")
-            entry.failed = True
-            raise WorkerFailed(
-                f"no worker could serve {model!r}: {'; '.join(failures)}", "workers_unreachable"
+            raise _failed(
+                entry,
+                WorkerFailed(
+                    f"no worker could serve {model!r}: {'; '.join(failures)}",
+                    "workers_unreachable",
+                ),
             )
         finally:
             traffic.close(entry)
@@ -549,6 +570,7 @@ class Proxy:
                 (b"x-gpupanel-worker", worker.id.encode()),
                 (b"x-request-id", entry.id.encode()),
             ]
+            entry.status = upstream.status
             await send({"type": "http.response.start", "status": upstream.status, "headers": out})
             before_end = self._models_changed(worker.id) if changes_models else None
             if upstream.complete:
@@ -580,6 +602,8 @@ class Proxy:
         if body:
             entry.chunks += 1
             entry.bytes += len(body)
+            entry.first_chunk = time.monotonic()
+            entry.tail = (body,)
         if before_end is not None:
             await before_end()
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -599,6 +623,9 @@ class Proxy:
             while chunk := await upstream.next_chunk():
                 entry.chunks += 1
                 entry.bytes += len(chunk)
+                if entry.first_chunk is None:
+                    entry.first_chunk = time.monotonic()
+                entry.tail = (*entry.tail[_KEEP:], chunk)  # where token counts are read
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if before_end is not None:
                 await before_end()
@@ -617,7 +644,11 @@ class Proxy:
             if copying in done:
                 copying.result()
             else:
-                entry.failed = True
+                # A client that leaves once it has read the whole answer (the openai client
+                # closes after `data: [DONE]`, before the end of the chunked body) got it all:
+                # only a hang-up with some of the worker's answer still to come is a cancel.
+                if not upstream.drained:
+                    entry.failed = entry.cancelled = True
                 copying.cancel()
                 upstream.close()  # drop the upstream connection: the worker sees the hang-up
                 with contextlib.suppress(asyncio.CancelledError):

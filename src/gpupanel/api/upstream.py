@@ -161,6 +161,11 @@ class Response:
         """Has the whole body arrived already?"""
         return self._conn.done
 
+    @property
+    def drained(self) -> bool:
+        """Has the whole body arrived and been taken (`next_chunk`) already?"""
+        return self._conn.done and not self._conn.buffer
+
     async def next_chunk(self) -> bytes:
         """What has arrived of the body since the last call, waiting for something if
         nothing has; b"" at the end. Raises UpstreamError if the worker broke off."""

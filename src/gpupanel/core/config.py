@@ -19,15 +19,19 @@ from gpupanel.errors import ConfigError
 # DEFAULT_*_PORT live in gpupanel.core.defaults; re-exported for existing importers.
 __all__ = [
     "APP_EXPIRY_S",
+    "CLUSTER_AGENTS",
+    "CLUSTER_ENGINES",
     "DEFAULT_PANEL_PORT",
     "DEFAULT_WORKER_PORT",
     "ID_MAX",
     "RUNTIMES",
+    "ClusterSettings",
     "Config",
     "PanelSettings",
     "WorkerSpec",
     "default_config",
     "parse_config",
+    "place_gpus",
 ]
 
 RUNTIMES = ("ollama", "llamacpp", "vllm")
@@ -47,7 +51,10 @@ class WorkerSpec:
     `command` replaces the runtime's executable (e.g. `["gpupanel", "sim", "ollama"]` for the
     simulated Ollama); `args` are appended to the runtime's own arguments. `model_path`,
     `context`, `parallel` and `alias` are for llama.cpp (and vLLM); `models` lists what is
-    expected on the worker (missing ones raise a warning).
+    expected on the worker (missing ones raise a warning). `node` names the host of a Ray
+    cluster that runs it (a hostname, IP or Ray node id; docs/cluster.md); None is the host
+    of the control plane. On another node, `gpu` is that node's GPU: a UUID, or an index
+    kept as its digits until the node resolves it (`place_gpus`).
     """
 
     id: str
@@ -63,6 +70,7 @@ class WorkerSpec:
     parallel: int | None = None
     alias: str | None = None
     autostart: bool = True
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +101,26 @@ class PanelSettings:
 
 
 AUTH_MODES = ("off", "keys")
+CLUSTER_ENGINES = ("ray",)
+CLUSTER_AGENTS = ("config", "all-gpu-nodes")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """`[cluster]`: workers on several hosts of a Ray cluster (docs/cluster.md).
+
+    `engine` None is one host (no Ray); "ray" attaches to the cluster at `address` ("auto":
+    the one `ray start` made on this machine). `agents`: which nodes get a node agent, those
+    that the workers' `node` fields name ("config") or every node with GPUs
+    ("all-gpu-nodes"). `agent_port` is where each agent serves its node's workers (0: a
+    free port, reported to the plane); `agent_state_dir` its state directory on its host
+    (None: `$XDG_STATE_HOME/gpupanel/agents/<node>` there)."""
+
+    engine: str | None = None
+    address: str = "auto"
+    agents: str = "config"
+    agent_port: int = 0
+    agent_state_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +130,7 @@ class Config:
     panel: PanelSettings
     workers: tuple[WorkerSpec, ...]
     source: str = "<default>"
+    cluster: ClusterSettings = ClusterSettings()
 
     def with_command(self, runtime: str, command: Sequence[str]) -> Config:
         """This config with `command` as the executable of `runtime` workers that name none
@@ -240,6 +269,7 @@ def _check_origin(origin: str, f: _Fields) -> str:
 
 
 _PANEL_FIELDS = frozenset(f.name for f in dataclasses.fields(PanelSettings))
+_CLUSTER_FIELDS = frozenset(f.name for f in dataclasses.fields(ClusterSettings))
 _WORKER_FIELDS = frozenset(f.name for f in dataclasses.fields(WorkerSpec))
 _PANEL_DEFAULTS = PanelSettings()
 _WORKER_DEFAULTS: dict[str, Any] = {
@@ -270,11 +300,77 @@ def _resolve_gpu(value: Any, gpus: Sequence[str], f: _Fields) -> str:
     )
 
 
+def _node_gpu(value: Any, f: _Fields) -> str:
+    """The `gpu` of a worker on another node: a UUID, or an index kept as its digits (that
+    node resolves it, `place_gpus`)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and (value.isdigit() or value.startswith("GPU-")):
+        return value
+    raise ConfigError(
+        f"{f.where}: field 'gpu' must be a GPU UUID ('GPU-...') or an index of that node's "
+        f"GPUs, got {value!r}"
+    )
+
+
+def place_gpus(config: Config, gpus: Sequence[str], node: str | None) -> Config:
+    """`config` with only the workers of `node` (None: the control plane's host, whose
+    workers name no node), each one's `gpu` resolved against that host's GPUs (UUIDs, in
+    index order): an index becomes the UUID, a UUID must be there. ConfigError naming the
+    worker and the field otherwise."""
+    placed = []
+    for w in config.workers:
+        if w.node != node:
+            continue
+        where = f"{config.source}: worker {_show_id(w.id)}"
+        host = "this host" if node is None else f"node {node!r}"
+        if w.gpu.isdigit():
+            if int(w.gpu) >= len(gpus):
+                raise ConfigError(
+                    f"{where}: field 'gpu' is index {w.gpu}, but {host} has {len(gpus)} GPU(s); "
+                    "use an index below that, or the GPU's UUID"
+                )
+            w = replace(w, gpu=gpus[int(w.gpu)])
+        elif gpus and w.gpu not in gpus:
+            raise ConfigError(
+                f"{where}: field 'gpu' is {w.gpu}, which is not on {host} (GPUs: {', '.join(gpus)})"
+            )
+        placed.append(w)
+    return replace(config, workers=tuple(placed))
+
+
+def _parse_cluster(data: Any, source: str) -> ClusterSettings:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: [cluster] must be a table")
+    c = _Fields(data, f"{source}: [cluster]", _CLUSTER_FIELDS)
+    d = ClusterSettings()
+    engine = c.text("engine", d.engine)
+    if engine is not None and engine not in CLUSTER_ENGINES:
+        raise c.fail("engine", '"ray" (the only cluster engine: docs/cluster.md), or left out')
+    agents = c.text("agents", d.agents)
+    if agents not in CLUSTER_AGENTS:
+        raise c.fail(
+            "agents",
+            '"config" (the nodes that workers name in their field \'node\') or "all-gpu-nodes"',
+        )
+    return ClusterSettings(
+        engine=engine,
+        address=c.text("address", d.address) or d.address,
+        agents=agents,
+        agent_port=c.integer("agent_port", d.agent_port, 0, 65535) or 0,
+        agent_state_dir=c.text("agent_state_dir", d.agent_state_dir),
+    )
+
+
 def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> Config:
-    """Validate `data` (the parsed TOML of `source`) against this host's GPUs."""
-    unknown = sorted(set(data) - {"panel", "workers"})
+    """Validate `data` (the parsed TOML of `source`) against this host's GPUs (a worker on
+    another node is checked against its node's GPUs there: `place_gpus`)."""
+    unknown = sorted(set(data) - {"panel", "workers", "cluster"})
     if unknown:
-        raise ConfigError(f"{source}: unknown section {unknown[0]!r} (known: panel, workers)")
+        raise ConfigError(
+            f"{source}: unknown section {unknown[0]!r} (known: panel, workers, cluster)"
+        )
+    cluster = _parse_cluster(data.get("cluster", {}), source)
     panel_data = data.get("panel", {})
     if not isinstance(panel_data, dict):
         raise ConfigError(f"{source}: [panel] must be a table")
@@ -295,9 +391,8 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         auth=_check_auth(p.text("auth", d.auth), p),
         tls_cert=p.text("tls_cert", d.tls_cert),
         tls_key=p.text("tls_key", d.tls_key),
-        usage_retention_days=p.integer(
-            "usage_retention_days", d.usage_retention_days, 1, 36500
-        ) or d.usage_retention_days,
+        usage_retention_days=p.integer("usage_retention_days", d.usage_retention_days, 1, 36500)
+        or d.usage_retention_days,
     )
     if (panel.tls_cert is None) != (panel.tls_key is None):
         raise ConfigError(
@@ -306,7 +401,9 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         )
     raw_workers = data.get("workers")
     if raw_workers is None:
-        return Config(panel=panel, workers=default_config(gpus).workers, source=source)
+        return Config(
+            panel=panel, workers=default_config(gpus).workers, source=source, cluster=cluster
+        )
     if not isinstance(raw_workers, list):
         raise ConfigError(f"{source}: 'workers' must be an array of tables ([[workers]])")
     workers: list[WorkerSpec] = []
@@ -333,14 +430,19 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         port = f.integer("port", None, 1, 65535)
         if port is None:
             raise ConfigError(f"{where}: missing field 'port'")
-        if port == panel.port or any(w.port == port for w in workers):
+        node = f.text("node")
+        # Ports are per host: workers on other nodes may use the same one.
+        if (port == panel.port and node is None) or any(
+            w.port == port and w.node == node for w in workers
+        ):
             raise ConfigError(
                 f"{where}: field 'port' {port} is already used by the panel or another worker"
+                + ("" if node is None else f" on node {node!r}")
             )
         spec = WorkerSpec(
             id=wid,
             runtime=runtime,
-            gpu=_resolve_gpu(item["gpu"], gpus, f),
+            gpu=_resolve_gpu(item["gpu"], gpus, f) if node is None else _node_gpu(item["gpu"], f),
             port=port,
             models=f.texts("models"),
             env=f.table("env"),
@@ -351,6 +453,7 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
             parallel=f.integer("parallel", None, 1, 1024),
             alias=f.text("alias"),
             autostart=f.flag("autostart", _WORKER_DEFAULTS["autostart"]),
+            node=node,
         )
         for name, field_name in (("CUDA_VISIBLE_DEVICES", "gpu"), ("OLLAMA_HOST", "port")):
             if name in spec.env:
@@ -363,4 +466,4 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
         if runtime == "vllm" and not spec.models:
             raise ConfigError(f"{where}: a vllm worker needs field 'models' (the model it serves)")
         workers.append(spec)
-    return Config(panel=panel, workers=tuple(workers), source=source)
+    return Config(panel=panel, workers=tuple(workers), source=source, cluster=cluster)

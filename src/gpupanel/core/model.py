@@ -157,7 +157,9 @@ class GpuProcess:
 
 @dataclass(frozen=True, slots=True)
 class GpuSample:
-    """One GPU at one instant. `lost` marks a card that stopped answering (fields are None)."""
+    """One GPU at one instant. `lost` marks a card that stopped answering (fields are None).
+    `host` names the node it is on when the plane spans several hosts (docs/cluster.md);
+    None on one host."""
 
     uuid: str
     index: int
@@ -171,9 +173,12 @@ class GpuSample:
     pci_bus_id: str | None = None
     lost: bool = False
     simulated: bool = False
+    host: str | None = None
 
     @classmethod
-    def lost_gpu(cls, uuid: str, index: int, *, simulated: bool = False) -> GpuSample:
+    def lost_gpu(
+        cls, uuid: str, index: int, *, simulated: bool = False, host: str | None = None
+    ) -> GpuSample:
         """A placeholder for a GPU that was there and no longer answers."""
         return cls(
             uuid=uuid,
@@ -186,6 +191,7 @@ class GpuSample:
             temperature_c=None,
             lost=True,
             simulated=simulated,
+            host=host,
         )
 
 

@@ -77,7 +77,7 @@ class Node(Protocol):
 
     async def refresh_models(self, worker_id: str) -> None: ...
 
-    def log(self, worker_id: str, lines: int) -> list[str]: ...
+    async def log(self, worker_id: str, lines: int) -> list[str]: ...
 
 
 def _not_found_or_failed(exc: RuntimeRequestError) -> Exception:
@@ -91,12 +91,19 @@ def _not_found_or_failed(exc: RuntimeRequestError) -> Exception:
 
 
 class LocalNode:
-    """This host: sampler + supervisor, run on the control plane's loop."""
+    """This host: sampler + supervisor, run on the control plane's loop. `host` (in a
+    cluster: the node's name) is set on each GPU of its samples (docs/cluster.md)."""
 
     def __init__(
-        self, config: Config, backend: GpuBackend, store: StateStore, name: str = "local"
+        self,
+        config: Config,
+        backend: GpuBackend,
+        store: StateStore,
+        name: str = "local",
+        host: str | None = None,
     ) -> None:
         self.name = name
+        self.host = host
         self.config = config
         self.backend = backend
         self.store = store
@@ -157,9 +164,12 @@ class LocalNode:
             stats = raw.host.processes.get(w.handle.pid) if (raw.host and w.handle) else None
             trees[w.spec.id] = stats.tree_pids if stats else ()
         workers = tuple(self._state(w, trees[w.spec.id], raw) for w in managed)
+        gpus = attribute_processes(raw.gpus, trees)
+        if self.host is not None:
+            gpus = tuple(replace(g, host=self.host) for g in gpus)
         return replace(
             raw,
-            gpus=attribute_processes(raw.gpus, trees),
+            gpus=gpus,
             workers=workers,
             warnings=self.supervisor.warnings(),
         )
@@ -210,7 +220,7 @@ class LocalNode:
     async def stop_pid(self, pid: int, force: bool, gpu_pids: set[int]) -> str:
         return await self.supervisor.stop_pid(pid, force=force, gpu_pids=gpu_pids)
 
-    def log(self, worker_id: str, lines: int) -> list[str]:
+    async def log(self, worker_id: str, lines: int) -> list[str]:
         return self.supervisor.log_tail(worker_id, lines)
 
     async def refresh_models(self, worker_id: str) -> None:

@@ -10,6 +10,7 @@ only through the `Node` protocol.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -22,8 +23,12 @@ from gpupanel.core.warnings import Thresholds, evaluate
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import NotFound
 from gpupanel.services.loader import Loader
+from gpupanel.services.meter import Meter
 from gpupanel.services.node import Node
-from gpupanel.services.traffic import Traffic
+from gpupanel.services.traffic import InFlight, Traffic
+from gpupanel.services.usage import UsageLog
+
+log = logging.getLogger("gpupanel.plane")
 
 REPROBE_EVERY_S = 1.0
 """How long one re-probe of the workers' models serves requests for unknown models."""
@@ -57,15 +62,22 @@ class Plane:
         url: str,
         version: str,
         on_finished: Sequence[Callable[[Finished], None]] = (),
+        usage: UsageLog | None = None,
     ) -> None:
         self.nodes = list(nodes)
         self.on_finished = tuple(on_finished)
         """Called with each proxied request that ended (usage history)."""
+        self.usage = usage
+        """The usage history `GET /panel/usage` reads (fed through `on_finished` by whoever
+        made it: services/runtime.py); None: not kept."""
         self.config = config
         self.url = url
         self.version = version
         self.simulated = any(n.simulated for n in self.nodes)
-        self.traffic = Traffic(app_ttl_s=config.panel.app_expiry_s)
+        self.traffic = Traffic(app_ttl_s=config.panel.app_expiry_s, on_close=self._finished)
+        self.meter = Meter(self, version)
+        """The plane's metrics (`GET /metrics`, docs/metrics.md)."""
+        self._failing: set[int] = set()  # sinks (by id) whose failure was logged
         self.thresholds = Thresholds(near_full_percent=config.panel.near_full_percent)
         self.snapshot = Snapshot(time=0.0, simulated=self.simulated, gpus=())
         self.loader = Loader(
@@ -78,6 +90,26 @@ class Plane:
         self._published: asyncio.Condition | None = None
         self._reprobing: asyncio.Future[None] | None = None
         self._reprobed_at = 0.0
+
+    def _finished(self, entry: InFlight) -> None:
+        """A proxied request ended (the traffic registry's `on_close`): count it in the
+        metrics, then hand its record to each of `on_finished`. Nothing here may break the
+        proxy: a failure is logged once per sink (or for the meter) and the rest goes on."""
+        try:
+            done = self.meter.finished(entry, self.snapshot)
+        except Exception:
+            self._failed(id(self.meter), "the metrics")
+            return
+        for sink in self.on_finished:
+            try:
+                sink(done)
+            except Exception:
+                self._failed(id(sink), f"the request sink {sink!r}")
+
+    def _failed(self, key: int, what: str) -> None:
+        if key not in self._failing:
+            self._failing.add(key)
+            log.exception("%s failed on a finished request (logged once; requests go on)", what)
 
     # ---- workers and nodes ----------------------------------------------------------------
 
@@ -191,9 +223,9 @@ class Plane:
         finally:
             await self.refresh()
 
-    def log(self, worker_id: str, lines: int) -> list[str]:
-        """The last lines of a worker's log."""
-        return self.node_of(worker_id).log(worker_id, lines)
+    async def log(self, worker_id: str, lines: int) -> list[str]:
+        """The last lines of a worker's log (read on its node's host)."""
+        return await self.node_of(worker_id).log(worker_id, lines)
 
     # ---- keeping routing current ------------------------------------------------------------
 

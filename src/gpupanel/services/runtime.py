@@ -29,7 +29,7 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -45,8 +45,9 @@ from gpupanel.core.defaults import HEADER_TIMEOUT_ENV, IDLE_TIMEOUT_ENV, SHUTDOW
 from gpupanel.core.gpu import GpuBackend
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.errors import ConfigError, GpuPanelError
-from gpupanel.services.node import LocalNode
+from gpupanel.services.node import LocalNode, Node
 from gpupanel.services.plane import Plane
+from gpupanel.services.usage import FLUSH_EVERY_S, UsageLog
 
 log = logging.getLogger("gpupanel.runtime")
 T = TypeVar("T")
@@ -341,7 +342,9 @@ class ControlPlane:
     """The runtime of one host: its node and the plane, with the HTTP app, on one loop.
 
     `node` is this host (GPUs, supervisor, state store); `plane` serves its workers (API,
-    proxy, loader, traffic, warnings) and is what the HTTP app is built on."""
+    proxy, loader, traffic, warnings) and is what the HTTP app is built on. In a cluster
+    (docs/cluster.md) the plane also serves the `remote` nodes' workers, and `node_name` is
+    this host's name there (set on its workers and GPUs)."""
 
     def __init__(
         self,
@@ -351,6 +354,8 @@ class ControlPlane:
         app_factory: Callable[[Plane], tuple[ASGIApp, Callable[[], Awaitable[None]]]],
         tick_s: float = 1.0,
         http_limits: HttpLimits | None = None,
+        remote: Sequence[Node] = (),
+        node_name: str | None = None,
     ) -> None:
         self.config = config
         self.app_factory = app_factory
@@ -361,8 +366,18 @@ class ControlPlane:
             # One line before anything binds (a config built in code skipped the load's check).
             check_tls(panel.tls_cert, panel.tls_key, f"{config.source}: [panel]")
         self.url = panel_url(panel.host, panel.port, tls=panel.tls_cert is not None)
-        self.node = LocalNode(config, backend, store)
-        self.plane = Plane([self.node], config, self.url, __version__)
+        self.node = LocalNode(config, backend, store, name=node_name or "local", host=node_name)
+        # Usage history (docs/architecture.md, "Usage history"): counted on this loop, kept
+        # in the state directory, written every FLUSH_EVERY_S and when the loop stops.
+        self.usage = UsageLog(store.directory, panel.usage_retention_days)
+        self.plane = Plane(
+            [self.node, *remote],
+            config,
+            self.url,
+            __version__,
+            on_finished=[self.usage.add],
+            usage=self.usage,
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._force: asyncio.Event | None = None
@@ -409,6 +424,8 @@ class ControlPlane:
             if adopted:
                 log.info("adopted running workers: %s", ", ".join(adopted))
             await self.plane.refresh()
+            await asyncio.to_thread(self.usage.open)  # never raises: see UsageLog
+            flushed = self.loop.time()
             serving = asyncio.create_task(server.serve(sockets=[sock]))
             self.node.supervisor.background(self._ensure())
             self.ready.set()
@@ -423,11 +440,23 @@ class ControlPlane:
                     await self.plane.refresh()
                 except Exception:  # a tick must never kill the control plane
                     log.exception("tick failed")
+                if self.loop.time() - flushed >= FLUSH_EVERY_S:
+                    flushed = self.loop.time()
+                    await self._flush_usage()
             await self._shut_down(server, serving)
         finally:
             await close_app()
+            await self._flush_usage(close=True)  # requests ended by the stop included
             await self.node.close()
             sock.close()
+
+    async def _flush_usage(self, close: bool = False) -> None:
+        """Write the usage counts (and close the file with `close`), in a thread. UsageLog
+        never raises for the file's sake; anything else is logged, never raised."""
+        try:
+            await asyncio.to_thread(self.usage.close if close else self.usage.flush)
+        except Exception:
+            log.exception("writing the usage history failed")
 
     async def _shut_down(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
         """Stop serving, in bounded time: no new connections, idle ones closed (uvicorn),
@@ -509,13 +538,20 @@ class ControlPlane:
 
     # ---- in a background thread (Jupyter, tests) ----------------------------------------------
 
-    def start_in_thread(self, timeout: float = 30.0) -> ControlPlane:
-        """Bind the port here, then run the loop in a daemon thread; returns when it serves."""
-        sock = bind_panel_socket(self.config.panel.host, self.config.panel.port)
+    def start_in_thread(
+        self, timeout: float = 30.0, sock: socket.socket | None = None
+    ) -> ControlPlane:
+        """Bind the port here (unless `sock` is bound already), then run the loop in a daemon
+        thread; returns when it serves."""
+        bound = (
+            sock
+            if sock is not None
+            else bind_panel_socket(self.config.panel.host, self.config.panel.port)
+        )
 
         def main() -> None:
             try:
-                asyncio.run(self.run(sock))
+                asyncio.run(self.run(bound))
             except BaseException as exc:  # surfaced to the caller through `failed`
                 self.failed = exc
                 self.ready.set()

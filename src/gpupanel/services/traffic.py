@@ -15,6 +15,7 @@ app with requests in flight never is.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import math
 import os
@@ -65,7 +66,7 @@ class InFlight:
     """The client hung up before the answer ended."""
     failovers: int = 0
     """Workers tried before the one that answered (or before giving up)."""
-    tail: tuple[bytes, ...] = ()
+    tail: tuple[builtins.bytes, ...] = ()  # `bytes` alone would name the field above
     """The answer's last body chunks (at most `TAIL_CHUNKS`), where token counts are read."""
 
 

@@ -2,7 +2,9 @@
 
 `/v1/models`, `/v1/models/{model}`, `/v1/chat/completions`, `/v1/completions` and
 `/v1/embeddings`; streams are server-sent events (`data: {json}`) ending in
-`data: [DONE]`, with a usage chunk when `stream_options.include_usage` is set; errors are
+`data: [DONE]`, with a usage chunk (no choices) before it when
+`stream_options.include_usage` is set (on `/v1/completions` Ollama then also puts a zero
+`usage` in every other chunk); errors are
 `{"error": {"message", "type", "param": null, "code": null}}`.
 """
 
@@ -177,6 +179,7 @@ class OpenAIRoutes:
             complete,
             lambda token: shaped(token, None),
             lambda result: shaped("", result.done_reason),
+            zero_usage=True,
         )
 
     async def _run(
@@ -189,7 +192,10 @@ class OpenAIRoutes:
         complete: Callable[[Generated], dict[str, Any]],
         piece: Callable[[str], dict[str, Any]],
         last: Callable[[Generated], dict[str, Any]],
+        zero_usage: bool = False,
     ) -> web.StreamResponse:
+        """Generate and answer whole or as a stream. With `zero_usage` (Ollama's completions),
+        a stream asked for usage carries `usage` of zeros in each chunk before the real one."""
         sim = self.sim
         num_predict = _max_tokens(body)
         stream_options = body.get("stream_options") or {}
@@ -209,7 +215,11 @@ class OpenAIRoutes:
             resp.content_type = "text/event-stream"
             await resp.prepare(request)
 
+            zeros = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
             async def send(obj: Any) -> None:
+                if zero_usage and include_usage and "usage" not in obj:
+                    obj = {**obj, "usage": zeros}
                 await resp.write(b"data: " + dumps(obj) + b"\n\n")
 
             async def write(token: str) -> None:

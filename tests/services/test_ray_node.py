@@ -1,0 +1,142 @@
+"""RemoteNode: the plane's view of a node agent, over a fake link (no Ray; the real one is
+tested end to end in tests/e2e/test_ray_cluster.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gpupanel.core.config import PanelSettings, WorkerSpec
+from gpupanel.core.model import GpuSample, Memory, Utilization
+from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.worker import WorkerState
+from gpupanel.errors import Invalid, NotFound, Unavailable
+from gpupanel.services.ray_node import SAMPLE_TIMEOUT_S, RemoteNode
+
+SPEC = WorkerSpec(id="b1", runtime="ollama", gpu="GPU-b0", port=9001, node="gpu-b")
+
+
+def _gpu(host: str | None) -> GpuSample:
+    return GpuSample(
+        "GPU-b0", 0, "card", Memory(100, 10, 90), Utilization(5, 1), 50.0, 300.0, 40, host=host
+    )
+
+
+def _state(pid: int | None = 4321) -> WorkerState:
+    return WorkerState(
+        id="b1", runtime="ollama", gpu_uuid="GPU-b0", gpu_index=0, port=9001, pid=pid,
+        status="running", pin="verified", base_url="", node="gpu-b",
+    )  # fmt: skip
+
+
+class FakeLink:
+    node = "gpu-b"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], float]] = []
+        self.answers: dict[str, Any] = {}
+        self.failure: Exception | None = None
+
+    async def call(self, method: str, *args: Any, timeout: float) -> Any:
+        self.calls.append((method, args, timeout))
+        if self.failure is not None:
+            raise self.failure
+        return self.answers.get(method)
+
+    async def stream(self, method: str, *args: Any, timeout: float) -> AsyncIterator[Any]:
+        self.calls.append((method, args, timeout))
+        for line in self.answers[method]:
+            yield line
+
+
+def _node(link: FakeLink) -> RemoteNode:
+    return RemoteNode(
+        "gpu-b", link, [SPEC], simulated=True, url="http://10.0.0.2:40001", panel=PanelSettings()
+    )
+
+
+async def test_samples_come_from_the_agent_with_their_gpus_host() -> None:
+    link = FakeLink()
+    link.answers["snapshot"] = Snapshot(
+        time=1.0, simulated=True, gpus=(_gpu(None),), workers=(_state(),)
+    )
+    node = _node(link)
+    snap = await node.sample()
+    assert [g.host for g in snap.gpus] == ["gpu-b"]
+    assert snap.workers[0].pid == 4321
+    assert link.calls == [("snapshot", (), SAMPLE_TIMEOUT_S)]
+    assert list(node.worker_ids()) == ["b1"] and node.spec("b1") == SPEC
+    with pytest.raises(NotFound, match="no worker 'zz' on node 'gpu-b'"):
+        node.spec("zz")
+
+
+async def test_an_unreachable_agent_reports_lost_gpus_and_unhealthy_workers_then_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    link = FakeLink()
+    node = _node(link)
+    link.failure = Unavailable("the agent of node 'gpu-b' did not answer snapshot")
+    first = await node.sample()  # never answered yet: the configured workers, unhealthy
+    assert first.gpus == ()
+    assert [(w.id, w.status, w.pid, w.health.ok) for w in first.workers] == [
+        ("b1", "unhealthy", None, False)
+    ]
+    link.failure = None
+    link.answers["snapshot"] = Snapshot(
+        time=1.0, simulated=True, gpus=(_gpu("gpu-b"),), workers=(_state(),)
+    )
+    await node.sample()
+    link.failure = Unavailable("node gone")
+    down = await node.sample()
+    assert [(g.uuid, g.lost, g.host) for g in down.gpus] == [("GPU-b0", True, "gpu-b")]
+    (w,) = down.workers
+    assert (w.status, w.pid, w.health.error, w.last_error) == (
+        "unhealthy",
+        4321,
+        "node gone",
+        "node gone",
+    )
+    await node.sample()  # still down: logged once
+    assert sum("node gone" in r.getMessage() for r in caplog.records) == 1
+    link.failure = None
+    back = await node.sample()
+    assert back.workers[0].status == "running" and node.down is None
+
+
+async def test_operations_go_to_the_agent_with_room_for_the_worker_to_start() -> None:
+    link = FakeLink()
+    link.answers.update(stop="terminated", ensure=["b1"], log=["a", "b"], load={"model": "m"})
+    link.answers["pull"] = [{"status": "pulling"}, {"status": "success"}]
+    node = _node(link)
+    await node.start("b1")
+    assert await node.stop("b1") == "terminated"
+    await node.restart("b1")
+    assert await node.ensure() == ["b1"]
+    assert await node.log("b1", 2) == ["a", "b"]
+    assert await node.load("b1", "m", None, 4096) == {"model": "m"}
+    await node.unload("b1", "m")
+    await node.refresh_models("b1")
+    assert [line async for line in node.pull("b1", "m")] == [
+        {"status": "pulling"},
+        {"status": "success"},
+    ]
+    panel = PanelSettings()
+    start_timeout = panel.ready_timeout_s + panel.stop_grace_s + 30
+    assert [c[0] for c in link.calls] == [
+        "start", "stop", "restart", "ensure", "log", "load", "unload", "refresh_models", "pull"
+    ]  # fmt: skip
+    assert link.calls[0] == ("start", ("b1",), start_timeout)
+    assert link.calls[2][2] > start_timeout  # a restart stops and starts
+    assert link.calls[5][1] == ("b1", "m", None, 4096)
+
+
+async def test_errors_of_the_agent_reach_the_caller_and_pids_are_the_planes_own() -> None:
+    link = FakeLink()
+    link.failure = NotFound("no model 'x' on worker b1")
+    node = _node(link)
+    with pytest.raises(NotFound, match="no model 'x'"):
+        await node.model_size("b1", "x")
+    with pytest.raises(Invalid, match="pid 77 names a process of the plane's host"):
+        await node.stop_pid(77, False, set())
