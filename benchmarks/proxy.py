@@ -26,11 +26,19 @@ Budgets (docs/architecture.md, "Performance budgets") are judged for gpupanel's 
 missed.
 
     python benchmarks/proxy.py [--rounds 3] [--litellm PATH | $LITELLM_BIN] [--quick] [--keys]
+                               [--hop]
 
 With `--keys`, gpupanel runs with `[panel] auth = "keys"` and its two routes are called with
 an API key (made with `gpupanel keys create`, limited to the worker and the models used,
 with a concurrency limit above the load): the same figures, with every request
 authenticated and checked against the key's scopes.
+
+With `--hop`, gpupanel's two routes cross a second gpupanel proxy, as the plane's do to a
+worker of another node of a Ray cluster (docs/cluster.md): `gpupanel serve` with
+`auth = "keys"` runs the worker, as a node's agent does, and the plane in front of it
+(benchmarks/hop.py) reaches the worker through that serve's `/proxy/{id}` with its admin
+token as the cluster token. The gpupanel rows then count both processes' CPU, and their
+RSS is the plane's.
 
 LiteLLM lives in its own virtual environment (see benchmarks/README.md); without it the
 LiteLLM row is skipped with a note.
@@ -348,9 +356,12 @@ class Stack:
         profile: Path | None = None,
         without: tuple[str, ...] = (),
         keys: bool = False,
+        hop: bool = False,
     ) -> None:
         self.root = root
-        self.keys = keys
+        self.keys = keys or hop  # an agent: every request with the token
+        self.hop = hop
+        self.plane: subprocess.Popen[bytes] | None = None  # benchmarks/hop.py, with --hop
         self.key: str | None = None  # the API key the gpupanel paths send, with --keys
         self.admin: dict[str, str] = {}  # the admin token's header for /panel, with --keys
         self.profile = profile
@@ -358,6 +369,7 @@ class Stack:
         self.litellm_bin = litellm
         self.panel_port, self.worker_port, self.litellm_port = (free_port() for _ in range(3))
         self.panel_url = f"http://127.0.0.1:{self.panel_port}"
+        self.serve_url = self.panel_url  # where the worker's gpupanel is (the agent's, with --hop)
         self.upstream_url = f"http://127.0.0.1:{self.worker_port}"
         self.env = {
             **os.environ,
@@ -385,7 +397,7 @@ class Stack:
                 """
             )
         )
-        if self.keys:
+        if self.keys and not self.hop:
             self.key = self._create_key(config)
         with open(self.root / "serve.log", "wb") as log:
             if self.without:  # as if these modules were not installed (for a before/after)
@@ -424,8 +436,25 @@ class Stack:
             time.sleep(0.2)
         else:
             raise SystemExit(f"worker {WORKER} not running with its models; see {self.root}")
+        if self.hop:
+            self._start_plane()
         if self.litellm_bin is not None:
             self._start_litellm()
+
+    def _start_plane(self) -> None:
+        """The plane in front of serve, which is now the agent (see the module's docstring)."""
+        port = free_port()
+        with open(self.root / "plane.log", "wb") as log:
+            self.plane = subprocess.Popen(
+                [sys.executable, str(HERE / "hop.py"), str(port), self.serve_url,
+                 str(self.root / "state" / "gpupanel" / "admin-token"),
+                 str(self.root / "plane-state"), WORKER, f"{FAST},{PACED}"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.panel_url = f"http://127.0.0.1:{port}"
+        wait_http(
+            f"{self.panel_url}/panel/health", 60, "the plane", self.plane, self.root / "plane.log"
+        )
 
     def _create_key(self, config: Path) -> str:
         """An API key for the gpupanel paths, made as a user would (`gpupanel keys create`):
@@ -482,7 +511,7 @@ class Stack:
     def processes(self) -> list[psutil.Process]:
         """This benchmark's processes: the client, gpupanel and its worker, LiteLLM."""
         procs = [psutil.Process()]
-        for proc in (self.serve, self.litellm):
+        for proc in (self.serve, self.plane, self.litellm):
             if proc is not None:
                 with contextlib.suppress(psutil.Error):
                     procs += tree(proc.pid)
@@ -491,7 +520,8 @@ class Stack:
     def rss(self) -> dict[str, float]:
         out = {}
         if self.serve is not None:
-            out["gpupanel"] = psutil.Process(self.serve.pid).memory_info().rss / 2**20
+            shown = self.plane or self.serve  # with --hop: the plane's (the agent's as usual)
+            out["gpupanel"] = psutil.Process(shown.pid).memory_info().rss / 2**20
         if self.litellm is not None:
             tree = psutil.Process(self.litellm.pid)
             procs = [tree, *tree.children(recursive=True)]
@@ -499,10 +529,17 @@ class Stack:
         return out
 
     def stop(self) -> None:
+        if self.plane is not None and self.plane.poll() is None:
+            self.plane.send_signal(signal.SIGTERM)
+            try:
+                self.plane.wait(30)
+            except subprocess.TimeoutExpired:
+                self.plane.kill()
+                self.plane.wait()
         if self.serve is not None and self.serve.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.post(
-                    f"{self.panel_url}/panel/workers/{WORKER}/stop",
+                    f"{self.serve_url}/panel/workers/{WORKER}/stop",
                     headers=self.admin,
                     timeout=30,
                     trust_env=False,
@@ -542,12 +579,12 @@ async def run(stack: Stack, args: argparse.Namespace) -> tuple[list[Target], lis
     if stack.litellm is not None:
         urls[LITELLM] = f"http://127.0.0.1:{stack.litellm_port}/v1/chat/completions"
     assert stack.serve is not None
-    serve = psutil.Process(stack.serve.pid)
+    gp = [psutil.Process(p.pid) for p in (stack.serve, stack.plane) if p is not None]
     litellm = stack.litellm
     cpu: dict[str, Callable[[], float] | None] = {
         DIRECT: None,
-        WORKER_ROUTE: lambda: cpu_seconds([serve]),
-        V1_ROUTE: lambda: cpu_seconds([serve]),
+        WORKER_ROUTE: lambda: cpu_seconds(gp),
+        V1_ROUTE: lambda: cpu_seconds(gp),
         LITELLM: lambda: cpu_seconds(tree(litellm.pid)) if litellm else 0.0,
     }
     targets = [
@@ -739,7 +776,15 @@ def main() -> int:
     parser.add_argument(
         "--profile", type=Path, help="run gpupanel serve under cProfile, stats to this file"
     )
+    parser.add_argument(
+        "--hop",
+        action="store_true",
+        help="gpupanel's routes through a plane and an agent (a second gpupanel), as to a "
+        "worker of another node",
+    )
     args = parser.parse_args()
+    if args.hop and (args.keys or args.profile or args.serve_without):
+        parser.error("--hop does not combine with --keys, --profile or --serve-without")
     if args.profile and args.serve_without:
         parser.error("--profile and --serve-without do not combine")
     if args.quick:
@@ -758,6 +803,7 @@ def main() -> int:
             args.profile and args.profile.resolve(),
             tuple(m for m in args.serve_without.split(",") if m),
             keys=args.keys,
+            hop=args.hop,
         )
         try:
             stack.start()

@@ -34,6 +34,7 @@ from gpupanel.core.config import Config, PanelSettings, WorkerSpec
 from gpupanel.core.estimate import ModelShape
 from gpupanel.core.model import GpuProcess, GpuSample, Memory, Utilization
 from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.upstream import Upstream as Hop
 from gpupanel.core.worker import Health, LoadedModel, WorkerState
 from gpupanel.services.node import ModelSize
 from gpupanel.services.plane import Plane
@@ -331,6 +332,9 @@ class FakeNode:
     pull_error: BaseException | None = None
     log_lines: list[str] = field(default_factory=lambda: ["line 1", "line 2"])
     stop_result: str = "stopped"
+    hops: dict[str, Hop] = field(default_factory=dict)
+    """Where the proxy reaches a worker (by id) when not on loopback at its port: an
+    agent's address, as a `RemoteNode` answers."""
 
     @classmethod
     def of(
@@ -377,6 +381,9 @@ class FakeNode:
 
     def spec(self, worker_id: str) -> WorkerSpec:
         return self.specs[worker_id]
+
+    def upstream(self, worker: WorkerState) -> Hop:
+        return self.hops.get(worker.id) or Hop.loopback(worker.port)
 
     async def sample(self) -> Snapshot:
         return Snapshot(

@@ -6,16 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from gpupanel.adapters.keys import KeyRing
+from gpupanel.api.app import build_app
+from gpupanel.api.auth import Credentials
 from gpupanel.api.proxy import Proxy
+from gpupanel.core.config import Config, PanelSettings
+from gpupanel.core.upstream import Upstream as Upstream_
 from gpupanel.core.worker import Health, LoadedModel
 from gpupanel.errors import Unavailable
+from gpupanel.services.plane import Plane
 from tests.api.conftest import (
     BASE,
     MODEL,
@@ -777,6 +784,176 @@ async def test_workers_of_several_nodes_behind_one_plane(rigs: Rigs) -> None:
     r = await rig.client.post("/panel/workers/r/restart")
     assert r.status_code == 200 and remote.called("restart") == [("r",)]
     assert local.called("restart") == []
+
+
+# ---- the hop to another node's agent (docs/cluster.md) ------------------------------------------
+
+TOKEN = "gpc-" + "t" * 43
+
+
+@dataclass
+class Hop:
+    """A plane whose worker `b1` is on node gpu-b, reached through that node's agent: a
+    second gpupanel app with the cluster token as its admin token, served on loopback over
+    `b1`'s scripted upstream. The plane has a worker `a` of its own too."""
+
+    plane: Rig
+    agent: Rig
+    b1: Upstream
+    a: Upstream
+    agent_port: int
+
+
+async def _hop(rigs: Rigs, tmp_path: Path, token: str = TOKEN) -> Hop:
+    a, b1 = await rigs.upstream("a"), await rigs.upstream("b1")
+    on_agent = FakeNode.of([replace(worker("b1", b1.port, models=("phi3:mini",)), node="gpu-b")])
+    on_agent.name = "gpu-b"
+    agent_plane = Plane(
+        [on_agent], Config(panel=PanelSettings(), workers=tuple(on_agent.specs.values())), BASE, "t"
+    )
+    await agent_plane.refresh()
+    credentials = Credentials(TOKEN, KeyRing(tmp_path / "keys.json"), panel_reads_need_admin=True)
+    agent_app, close = build_app(agent_plane, "127.0.0.1", credentials)
+    rigs.stack.push_async_callback(close)
+    url = await rigs.stack.enter_async_context(served(agent_app))
+    agent_client = httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False
+    )
+    rigs.stack.push_async_callback(agent_client.aclose)
+    agent = Rig(on_agent, agent_plane, agent_app, agent_client, {"b1": b1})
+    port = int(url.rsplit(":", 1)[1])
+    remote = FakeNode.of([replace(worker("b1", 1, models=("phi3:mini",)), node="gpu-b")])
+    remote.name = "gpu-b"
+    remote.hops["b1"] = Upstream_.agent("127.0.0.1", port, "b1", token, "gpu-b")
+    local = FakeNode.of([worker("a", a.port)])
+    plane = await rigs.build(local, upstreams={"a": a}, more=[remote])
+    return Hop(plane, agent, b1, a, port)
+
+
+def test_upstream_of_an_agent_encodes_the_id_and_hides_the_token() -> None:
+    up = Upstream_.agent("10.0.0.2", 40001, "b/1 x", TOKEN, "gpu-b")
+    assert (up.key, up.authority, up.prefix) == (
+        ("10.0.0.2", 40001),
+        "10.0.0.2:40001",
+        b"/proxy/b%2F1%20x",
+    )
+    assert up.authorization == f"Bearer {TOKEN}".encode()
+    assert TOKEN not in repr(up) and TOKEN not in up.describe()
+    assert up.describe() == "the agent of node gpu-b at 10.0.0.2:40001"
+    assert Upstream_("::1", 80).authority == "[::1]:80"
+    loop = Upstream_.loopback(11434)
+    assert (loop.key, loop.prefix, loop.authorization) == (("127.0.0.1", 11434), b"", None)
+
+
+async def test_per_worker_goes_through_the_agent_with_the_cluster_token(
+    rigs: Rigs, tmp_path: Path
+) -> None:
+    hop = await _hop(rigs, tmp_path)
+    r = await hop.plane.client.post(
+        "/proxy/b1/v1/some%20path?q=1",
+        json=CHAT,
+        headers={"Authorization": "Bearer the-clients-own", "X-GPUPanel-App": "nb"},
+    )
+    assert r.status_code == 200, r.text
+    # the agent took the cluster token (the client's header would be a 401 there) and
+    # passed the target to its worker as sent
+    seen = hop.b1.seen[-1]
+    assert seen.target == "/v1/some%20path?q=1"
+    assert seen.header("authorization") is None  # neither the client's nor the token
+    assert seen.header("x-gpupanel-app") == "nb"
+    assert r.json()["upstream"] == "b1" and not hop.a.seen
+    # the plane names the worker and the request once, with its own id
+    assert r.headers.get_list("x-gpupanel-worker") == ["b1"]
+    (request_id,) = r.headers.get_list("x-request-id")
+    assert request_id.startswith("req-")
+    # both registries saw it and are empty again
+    assert hop.plane.plane.traffic.live == {} and hop.agent.plane.traffic.live == {}
+    assert hop.plane.plane.traffic.apps["nb"].requests == 1
+    assert hop.agent.plane.traffic.apps["nb"].requests == 1
+    # a second request: same path through the agent, its connection to the worker reused
+    r = await hop.plane.client.get("/proxy/b1/api/tags")
+    assert r.status_code == 200 and r.json()["target"] == "/api/tags"
+    assert hop.plane.plane.traffic.live == {} and hop.b1.connections == 1
+
+
+async def test_routed_stream_and_hang_up_through_the_agent(rigs: Rigs, tmp_path: Path) -> None:
+    hop = await _hop(rigs, tmp_path)
+    client = hop.plane.openai()
+    try:
+
+        async def stream(seen: Seen, reply: Reply) -> None:
+            await reply.stream(sse_chunks("phi3:mini", ["Hel", "lo"]))
+
+        hop.b1.handler = stream
+        chunks = await client.chat.completions.create(
+            model="phi3:mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in chunks])
+        assert text == "Hello"
+        assert hop.b1.seen[-1].target == "/v1/chat/completions" and not hop.a.seen
+    finally:
+        await client.close()
+
+    saw_hang_up = asyncio.Event()
+
+    async def endless(seen: Seen, reply: Reply) -> None:
+        await reply.head()
+        await reply.chunk(sse_chunks("phi3:mini", ["a"])[0])
+        if await reply.hung_up(timeout=5):
+            saw_hang_up.set()
+        reply.close()
+
+    hop.b1.handler = endless
+    app = hop.plane.app
+    async with served(app) as url, httpx.AsyncClient(base_url=url, trust_env=False) as http:
+        body = {**CHAT, "model": "phi3:mini", "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200 and r.headers["x-gpupanel-worker"] == "b1"
+            async for part in r.aiter_raw():
+                assert part.startswith(b"data: ")
+                break
+            assert len(hop.plane.plane.traffic.live) == 1
+            assert len(hop.agent.plane.traffic.live) == 1
+        # the plane drops the agent's connection, the agent's proxy the worker's
+        await asyncio.wait_for(saw_hang_up.wait(), 5)
+        await eventually(lambda: hop.plane.plane.traffic.live == {})
+        await eventually(lambda: hop.agent.plane.traffic.live == {})
+
+
+async def test_agent_refusing_the_token_is_502_cluster_token_mismatch(
+    rigs: Rigs, tmp_path: Path
+) -> None:
+    wrong = "gpc-" + "w" * 43
+    hop = await _hop(rigs, tmp_path, token=wrong)
+    r = await hop.plane.client.get(
+        "/proxy/b1/api/tags", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert r.status_code == 502, r.text
+    message = r.json()["error"]
+    assert "the agent of node gpu-b at 127.0.0.1:" in message
+    assert "cluster token mismatch" in message and "gpupanel serve --ray" in message
+    assert TOKEN not in r.text and wrong not in r.text
+    r = await hop.plane.client.post("/v1/chat/completions", json={**CHAT, "model": "phi3:mini"})
+    assert r.status_code == 502
+    error = error_of(r)
+    assert error["code"] == "workers_unreachable" and "cluster token mismatch" in error["message"]
+    assert hop.b1.seen == [] and hop.plane.plane.traffic.live == {}
+
+
+async def test_agent_own_error_fails_over_on_v1_and_passes_on_proxy(
+    rigs: Rigs, tmp_path: Path
+) -> None:
+    hop = await _hop(rigs, tmp_path)
+    hop.agent.node.set("b1", pid=None, status="stopped")  # the agent answers 503 itself
+    await hop.agent.refresh()
+    r = await hop.plane.client.post("/proxy/b1/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503 and error_of(r)["code"] == "worker_down"
+    hop.plane.node.set("a", models_available=("phi3:mini",))
+    await hop.plane.refresh()
+    for _ in range(3):  # whichever is tried first, a answers
+        r = await hop.plane.client.post("/v1/chat/completions", json={**CHAT, "model": "phi3:mini"})
+        assert r.status_code == 200 and r.headers["x-gpupanel-worker"] == "a"
+    assert hop.b1.seen == []
 
 
 # ---- the real openai client -------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 
 from gpupanel.api import upstream as upstream_module
 from gpupanel.api.upstream import UpstreamError, UpstreamPool
+from gpupanel.core.upstream import Upstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -82,7 +83,7 @@ async def test_request_passes_through_and_the_connection_is_reused(pool: Upstrea
         headers = [(b"x-app", b"a b"), (b"content-type", b"application/json")]
         for _ in range(3):
             res = await pool.request(
-                server.port, "POST", b"/v1/x%2Fy?q=1&r=%20", headers, b'{"a":1}'
+                Upstream.loopback(server.port), "POST", b"/v1/x%2Fy?q=1&r=%20", headers, b'{"a":1}'
             )
             assert res.status == 200 and res.complete
             assert (b"content-type", b"application/json") in res.headers
@@ -94,7 +95,7 @@ async def test_request_passes_through_and_the_connection_is_reused(pool: Upstrea
             + str(server.port).encode()
             + b'\r\nx-app: a b\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{"a":1}'
         )
-        res = await pool.request(server.port, "GET", b"/api/tags", [], b"")
+        res = await pool.request(Upstream.loopback(server.port), "GET", b"/api/tags", [], b"")
         await res.read()
         res.release()
         assert b"content-length" not in server.requests[-1]  # a GET without a body
@@ -113,14 +114,14 @@ async def test_chunked_stream_arrives_as_it_is_sent(pool: UpstreamPool) -> None:
         await r.read()
 
     async with Server(handler) as server:
-        res = await pool.request(server.port, "POST", b"/s", [], b"x")
+        res = await pool.request(Upstream.loopback(server.port), "POST", b"/s", [], b"x")
         assert not res.complete
         assert await res.next_chunk() == b"first"  # before the rest is even sent
         go_on.set()
         assert await res.next_chunk() == b"second"
         assert await res.next_chunk() == b""
         res.release()
-        assert pool._idle[server.port]  # complete and keep-alive: pooled
+        assert pool._idle[("127.0.0.1", server.port)]  # complete and keep-alive: pooled
 
 
 async def test_body_until_close_head_and_no_content(pool: UpstreamPool) -> None:
@@ -140,16 +141,18 @@ async def test_body_until_close_head_and_no_content(pool: UpstreamPool) -> None:
             w.close()
 
     async with Server(handler) as server:
-        res = await pool.request(server.port, "GET", b"/eof", [], b"")
+        res = await pool.request(Upstream.loopback(server.port), "GET", b"/eof", [], b"")
         assert await res.read() == b"all of it"
         res.release()
-        res = await pool.request(server.port, "HEAD", b"/h", [], b"")
+        res = await pool.request(Upstream.loopback(server.port), "HEAD", b"/h", [], b"")
         assert res.complete and await res.read() == b""
         res.release()
-        res = await pool.request(server.port, "DELETE", b"/d", [], b"")
+        res = await pool.request(Upstream.loopback(server.port), "DELETE", b"/d", [], b"")
         assert res.status == 204 and await res.read() == b""
         res.release()
-        assert len(pool._idle.get(server.port, ())) == 1  # only the 204 connection stays
+        assert (
+            len(pool._idle.get(("127.0.0.1", server.port), ())) == 1
+        )  # only the 204 connection stays
         assert server.connections == 3
 
 
@@ -161,7 +164,7 @@ async def test_informational_answers_are_skipped(pool: UpstreamPool) -> None:
         await r.read()
 
     async with Server(handler) as server:
-        res = await pool.request(server.port, "POST", b"/c", [], b"x")
+        res = await pool.request(Upstream.loopback(server.port), "POST", b"/c", [], b"x")
         assert res.status == 200 and await res.read() == b"{}"
 
 
@@ -172,7 +175,7 @@ async def test_no_worker_and_broken_answers_raise(pool: UpstreamPool) -> None:
     async with Server(nothing) as closed:
         port = closed.port  # nothing listens there once the server is closed
     with pytest.raises(UpstreamError, match=f"cannot connect to 127.0.0.1:{port}"):
-        await pool.request(port, "GET", b"/", [], b"")
+        await pool.request(Upstream.loopback(port), "GET", b"/", [], b"")
 
     async def cut(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await server.request(r)
@@ -180,12 +183,12 @@ async def test_no_worker_and_broken_answers_raise(pool: UpstreamPool) -> None:
         await w.drain()
 
     async with Server(cut) as server:
-        res = await pool.request(server.port, "GET", b"/", [], b"")
+        res = await pool.request(Upstream.loopback(server.port), "GET", b"/", [], b"")
         assert await res.next_chunk() == b"partial"
         with pytest.raises(UpstreamError, match="closed the connection"):
             await res.next_chunk()
         res.release()
-        assert not pool._idle.get(server.port)
+        assert not pool._idle.get(("127.0.0.1", server.port))
 
     async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await server.request(r)
@@ -195,7 +198,7 @@ async def test_no_worker_and_broken_answers_raise(pool: UpstreamPool) -> None:
 
     async with Server(garbage) as server:
         with pytest.raises(UpstreamError, match="not valid HTTP"):
-            await pool.request(server.port, "GET", b"/", [], b"")
+            await pool.request(Upstream.loopback(server.port), "GET", b"/", [], b"")
 
 
 async def test_a_stale_kept_alive_connection_is_retried_only_when_safe(pool: UpstreamPool) -> None:
@@ -208,15 +211,17 @@ async def test_a_stale_kept_alive_connection_is_retried_only_when_safe(pool: Ups
         await r.readuntil(b"\r\n\r\n")
 
     async with Server(once) as server:
-        res = await pool.request(server.port, "GET", b"/", [], b"")
+        res = await pool.request(Upstream.loopback(server.port), "GET", b"/", [], b"")
         await res.read()
         res.release()
-        res = await pool.request(server.port, "GET", b"/", [], b"")  # retried on a new one
+        res = await pool.request(
+            Upstream.loopback(server.port), "GET", b"/", [], b""
+        )  # retried on a new one
         assert res.status == 200 and await res.read() == b"{}"
         res.release()
         assert server.connections == 2
         with pytest.raises(UpstreamError):  # a POST might have been acted on: not retried
-            await pool.request(server.port, "POST", b"/", [], b"x")
+            await pool.request(Upstream.loopback(server.port), "POST", b"/", [], b"x")
 
 
 async def test_reading_pauses_while_the_reader_lags(
@@ -232,7 +237,7 @@ async def test_reading_pauses_while_the_reader_lags(
         await r.read()
 
     async with Server(handler) as server:
-        res = await pool.request(server.port, "GET", b"/big", [], b"")
+        res = await pool.request(Upstream.loopback(server.port), "GET", b"/big", [], b"")
         await asyncio.sleep(0.05)
         assert res._conn.paused  # over the high-water mark: no more reading for now
         got = b""
@@ -257,7 +262,9 @@ async def test_a_large_body_is_sent_whole_after_its_head(pool: UpstreamPool) -> 
 
     async with Server(handler) as server:
         for body in bodies:
-            res = await pool.request(server.port, "PUT", b"/api/blobs/x", [], body)
+            res = await pool.request(
+                Upstream.loopback(server.port), "PUT", b"/api/blobs/x", [], body
+            )
             assert res.status == 200 and await res.read() == b"{}"
             res.release()
         assert server.connections == 1

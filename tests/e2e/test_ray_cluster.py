@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import psutil
 import pytest
 
@@ -40,6 +41,8 @@ except ImportError:  # pragma: no cover (CI installs it)
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
 NAMESPACE = "gpupanel"
+REMOTE_MODEL = "qwen2.5:0.5b"
+"""Pulled only on node b's worker b1: `/v1` must cross to that node's agent."""
 SMALL = {
     "num_cpus": 1,
     "object_store_memory": 78 * 1024 * 1024,
@@ -190,12 +193,14 @@ def _cluster_usage() -> tuple[int, float]:
 
 
 def _processes_of_worker(cluster: RayCluster, worker_id: str) -> list[int]:
-    pids = []
+    """The worker's processes, not counting their children (a simulated Ollama's model
+    runners inherit its environment)."""
+    found: dict[int, int] = {}  # pid -> parent pid
     for proc in _processes_of(cluster.root):
         with contextlib.suppress(psutil.Error):
             if proc.environ().get("GPUPANEL_WORKER") == worker_id:
-                pids.append(proc.pid)
-    return pids
+                found[proc.pid] = proc.ppid()
+    return sorted(pid for pid, parent in found.items() if parent not in found)
 
 
 def test_serve_ray_runs_workers_on_both_nodes_and_reattaches(
@@ -207,7 +212,9 @@ def test_serve_ray_runs_workers_on_both_nodes_and_reattaches(
     ports = [free_port() for _ in range(3)]
     config.write_text(
         f'[[workers]]\nid = "h1"\ngpu = 0\nport = {ports[0]}\n\n'
-        f'[[workers]]\nid = "b1"\ngpu = 1\nport = {ports[1]}\nnode = "{b_name}"\n\n'
+        f'[[workers]]\nid = "b1"\ngpu = 1\nport = {ports[1]}\nnode = "{b_name}"\n'
+        f'env = {{ GPUPANEL_SIM_PULLED = "{REMOTE_MODEL}", GPUPANEL_SIM_TOKENS_PER_S = "20", '
+        f'GPUPANEL_SIM_REPLY_TOKENS = "1000" }}\n\n'
         f'[[workers]]\nid = "c1"\ngpu = 0\nport = {ports[2]}\nnode = "{c_name}"\n'
     )
     serve = Serve(rc, config, tmp_path / "serve.log")
@@ -282,6 +289,10 @@ def test_serve_ray_runs_workers_on_both_nodes_and_reattaches(
             tags = agent_http.get("/proxy/b1/api/tags", headers=auth)
             assert tags.status_code == 200 and "models" in tags.json()
 
+            # -- traffic through the plane to a worker of node b: the plane's proxy goes to
+            # b's agent (its /proxy/b1, with the cluster token), the agent to b1 on loopback
+            _remote_traffic(serve, agent_http, auth)
+
         # -- stop and start serve: it re-attaches to the same agents, same worker pids
         agents_before = {n: rc.info(n)["pid"] for n in (rc.b, rc.c)}
         assert serve.stop() == 0
@@ -318,6 +329,65 @@ def test_serve_ray_runs_workers_on_both_nodes_and_reattaches(
             for wid in ("h1", "b1", "c1"):
                 serve.http.post(f"/panel/workers/{wid}/stop")
         serve.stop()
+
+
+def _openai(base_url: str) -> openai.OpenAI:
+    http = httpx.Client(trust_env=False, timeout=120)
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, http_client=http)
+
+
+def _remote_traffic(serve: Serve, agent_http: httpx.Client, auth: dict[str, str]) -> None:
+    """The real openai client streams through the plane's `/v1` (the model is only on b1)
+    and its `/proxy/b1/v1`; a client that hangs up mid-stream leaves the plane's and the
+    agent's registries empty; `/metrics` counts the requests under worker b1."""
+    messages: Any = [{"role": "user", "content": "hi"}]
+    for base in (f"{serve.url}/v1", f"{serve.url}/proxy/b1/v1"):
+        with _openai(base) as client:
+            t0 = time.monotonic()
+            stream = client.chat.completions.create(
+                model=REMOTE_MODEL, messages=messages, stream=True, max_tokens=8
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in stream)
+            print(f"streamed {len(text)} chars through {base} in {time.monotonic() - t0:.1f} s")
+            assert text, base
+    whole = serve.http.post(
+        "/v1/chat/completions",
+        json={"model": REMOTE_MODEL, "messages": messages, "max_tokens": 4},
+        headers={"X-GPUPanel-App": "remote-test"},
+    )
+    assert whole.status_code == 200, whole.text
+    assert whole.headers.get_list("x-gpupanel-worker") == ["b1"]
+    assert len(whole.headers.get_list("x-request-id")) == 1
+
+    # a client that hangs up mid-stream (b1 makes 20 tokens/s: this answer takes 10 s)
+    body = {"model": REMOTE_MODEL, "messages": messages, "stream": True, "max_tokens": 200}
+    with serve.http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["x-gpupanel-worker"] == "b1"
+        for part in r.iter_raw():
+            assert part.startswith(b"data: ")
+            break
+        live = serve.http.get("/panel/requests").json()["requests"]
+        there = agent_http.get("/panel/requests", headers=auth).json()["requests"]
+        assert (len(live), len(there)) == (1, 1), (live, there, serve.text()[-3000:])
+    t0 = time.monotonic()
+    wait_for(
+        lambda: (
+            serve.http.get("/panel/requests").json()["requests"] == []
+            and agent_http.get("/panel/requests", headers=auth).json()["requests"] == []
+        ),
+        3,
+        "the plane's and the agent's registries to be empty after the hang-up",
+    )
+    print(f"both registries empty {time.monotonic() - t0:.2f} s after the hang-up")
+
+    metrics = serve.http.get("/metrics").text
+    counted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("gpupanel_requests_total{") and 'worker="b1"' in line
+    ]
+    assert any('app="remote-test"' in c and 'outcome="ok"' in c for c in counted), counted
+    assert any('outcome="cancelled"' in c for c in counted), counted
 
 
 def _serve_fails(rc: RayCluster, tmp_path: Path, toml: str, address: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gpupanel.core.cluster import Secret
 from gpupanel.core.config import PanelSettings, WorkerSpec
 from gpupanel.core.model import GpuSample, Memory, Utilization
 from gpupanel.core.snapshot import Snapshot
@@ -140,3 +141,25 @@ async def test_errors_of_the_agent_reach_the_caller_and_pids_are_the_planes_own(
         await node.model_size("b1", "x")
     with pytest.raises(Invalid, match="pid 77 names a process of the plane's host"):
         await node.stop_pid(77, False, set())
+
+
+def test_a_worker_is_reached_through_the_agent_with_the_cluster_token() -> None:
+    token = "gpc-" + "s" * 43
+    node = RemoteNode(
+        "gpu-b",
+        FakeLink(),
+        [SPEC],
+        simulated=True,
+        url="http://10.0.0.2:40001",
+        panel=PanelSettings(),
+        token=Secret(token),
+    )
+    up = node.upstream(_state())
+    assert (up.host, up.port, up.prefix, up.node) == ("10.0.0.2", 40001, b"/proxy/b1", "gpu-b")
+    assert up.authorization == f"Bearer {token}".encode()
+    assert node.upstream(_state()) is up  # made once per worker
+    assert token not in repr(up) and token not in repr(node.token)
+    node.url = "not a url"
+    node._upstreams.clear()
+    with pytest.raises(Unavailable, match="gave no usable address"):
+        node.upstream(_state())

@@ -124,6 +124,7 @@ def _agent_node(spec: AgentSpec, config: Config) -> RemoteNode:
         simulated=bool(info["simulated"]),
         url=str(info["url"]),
         panel=config.panel,
+        token=spec.token,
     )
 
 

@@ -40,6 +40,16 @@ with `Retry-After: 1` beyond). A refused scope is a 403 in the route's dialect, 
 worker or model is looked up (so it tells nothing of workers or models outside the key).
 The `Authorization` header that carried a key or the admin token is never passed to a
 worker.
+
+Where a worker is reached is the plane's answer (`ProxyPlane.upstream_of`, docs/cluster.md):
+this host's workers on loopback at their port; a worker of another node of a Ray cluster
+through that node's agent, which serves gpupanel's own `/proxy/{id}/...` behind the cluster
+token. On that hop the target goes under `/proxy/{id}`, the client's `Authorization` is
+dropped and the cluster token sent instead, and the agent's own refusal of the token (401,
+403) is a 502 naming the agent, never passed on as the client's credential problem. A hang-up
+drops the connection to the agent, whose proxy then drops the worker's; a routed request
+fails over before the first byte as on one host (an error the agent answers itself, without
+`X-GPUPanel-Worker`, counts as the worker unreachable).
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ from gpupanel.api.upstream import Response, UpstreamError, UpstreamPool
 from gpupanel.core.names import find_model
 from gpupanel.core.routing import candidates, serves
 from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.upstream import Upstream
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import (
     Forbidden,
@@ -94,6 +105,13 @@ _DROP_RESPONSE = frozenset(
      b"access-control-allow-private-network", b"access-control-expose-headers",
      b"access-control-max-age"}
 )  # fmt: skip
+_DROP_REQUEST_HOP = _DROP_REQUEST_AUTH | {b"x-gpupanel-app"}
+"""To an agent: the cluster token replaces the client's credentials; the app is the one this
+plane counts the request in (a key's, whatever the client's header says)."""
+_DROP_RESPONSE_HOP = _DROP_RESPONSE | {b"x-gpupanel-worker", b"x-request-id"}
+"""From an agent: this plane names the worker and the request itself."""
+_FROM_WORKER = b"x-gpupanel-worker"
+"""An agent's proxy adds it to what a worker answered; an answer without it is the agent's."""
 
 
 MODEL_CHANGING = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
@@ -121,6 +139,8 @@ class ProxyPlane(Protocol):
     async def models_changed(self, worker_id: str) -> None: ...
 
     async def reprobe(self) -> None: ...
+
+    def upstream_of(self, worker: WorkerState) -> Upstream: ...
 
 
 class _Abandoned(Exception):
@@ -433,10 +453,12 @@ class Proxy:
         try:
             await self._forward(scope, receive, send, worker, target, body, entry, changes)
         except _UpstreamFailed as exc:
+            node = self.plane.upstream_of(worker).node
+            where = f"port {worker.port}" if node is None else f"node {node}"
             raise _failed(
                 entry,
                 WorkerFailed(
-                    f"worker {worker_id} (port {worker.port}) is not reachable: {exc}",
+                    f"worker {worker_id} ({where}) is not reachable: {exc}",
                     "worker_unreachable",
                 ),
             ) from None
@@ -549,15 +571,29 @@ class Proxy:
 
         Raises _UpstreamFailed only before the first byte was sent to the client.
         """
-        drop = _DROP_REQUEST if CALLER not in scope else _DROP_REQUEST_AUTH
-        headers = [(k, v) for k, v in scope["headers"] if k not in drop]
+        hop = self.plane.upstream_of(worker)
+        if hop.authorization is None:  # this host's worker
+            drop = _DROP_REQUEST if CALLER not in scope else _DROP_REQUEST_AUTH
+            headers = [(k, v) for k, v in scope["headers"] if k not in drop]
+            drop_response = _DROP_RESPONSE
+        else:  # another node's worker, through its agent
+            headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST_HOP]
+            headers.append((b"authorization", hop.authorization))
+            if entry.app is not None:
+                headers.append((b"x-gpupanel-app", entry.app.encode()))
+            target = hop.prefix + target
+            drop_response = _DROP_RESPONSE_HOP
         try:
-            upstream = await self.upstream.request(
-                worker.port, scope["method"], target, headers, body
-            )
+            upstream = await self.upstream.request(hop, scope["method"], target, headers, body)
         except UpstreamError as exc:
             raise _UpstreamFailed(str(exc)) from None
         try:
+            if (
+                hop.authorization is not None
+                and upstream.status >= 400
+                and not any(k.lower() == _FROM_WORKER for k, _ in upstream.headers)
+            ):
+                await self._agent_error(hop, upstream, scope["path"] in ROUTED)
             if upstream.status == 503 and scope["path"] in ROUTED:  # /v1 fails over; /proxy passes
                 try:
                     reason = (await upstream.read())[:200].decode(errors="replace")
@@ -565,7 +601,7 @@ class Proxy:
                     reason = str(exc)
                 raise _UpstreamFailed(f"busy (503): {reason}", busy=True)
             lowered = ((k.lower(), v) for k, v in upstream.headers)
-            out = [(k, v) for k, v in lowered if k not in _DROP_RESPONSE]
+            out = [(k, v) for k, v in lowered if k not in drop_response]
             out += [
                 (b"x-gpupanel-worker", worker.id.encode()),
                 (b"x-request-id", entry.id.encode()),
@@ -579,6 +615,30 @@ class Proxy:
                 await self._stream(receive, send, upstream, entry, before_end)
         finally:
             upstream.release()
+
+    @staticmethod
+    async def _agent_error(hop: Upstream, upstream: Response, routed: bool) -> None:
+        """An error the agent answered itself (not its worker's). Its refusal of the cluster
+        token (401, 403) is never passed on as the client's credential problem:
+        _UpstreamFailed, a 502 naming the agent (a routed request fails over). Any other is
+        passed on as it is on `/proxy` (the agent's answer is in the route's dialect), and
+        fails over on `/v1`, as an unreachable worker does on one host."""
+        status = upstream.status
+        if status in (401, 403):
+            raise _UpstreamFailed(
+                f"{hop.describe()} refused the plane's request ({status}): cluster token "
+                "mismatch. The agent runs with another token than the plane's `cluster-token` "
+                "file: restart `gpupanel serve --ray`, which replaces agents that run another "
+                "token"
+            )
+        if routed:
+            try:
+                reason = (await upstream.read())[:200].decode(errors="replace")
+            except UpstreamError as exc:
+                reason = str(exc)
+            raise _UpstreamFailed(
+                f"{hop.describe()} answered {status}: {reason}", busy=status == 503
+            )
 
     def _models_changed(self, worker_id: str) -> Callable[[], Awaitable[None]]:
         async def refresh() -> None:

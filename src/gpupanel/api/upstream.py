@@ -1,11 +1,12 @@
-"""The proxy's client to its workers: pooled keep-alive HTTP/1.1 connections on loopback,
-answers parsed by httptools (llhttp, in C) and handed over as they arrive.
+"""The proxy's client to its workers: pooled keep-alive HTTP/1.1 connections, to a worker on
+loopback or to the agent of another node that serves it (`core/upstream.Upstream`), answers parsed by httptools (llhttp, in C) and handed over as they arrive.
 
 Why not aiohttp's client, which the proxy used first: on the proxy's hot path it was about
 half of the CPU of a request, and each streamed chunk cost several Python calls of
 bookkeeping; measured in benchmarks/proxy.py (see benchmarks/README.md), this client
 roughly halves both. It does only what a loopback proxy needs: no TLS, cookies, redirects,
 decompression or proxies. Request targets and headers pass as bytes, untouched.
+Connections are pooled by (host, port): the workers of one agent share its connections.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from typing import cast
 
 import httptools
+
+from gpupanel.core.upstream import Upstream
 
 HIGH_WATER = 256 * 1024  # bytes buffered from a worker before reading from it pauses
 COPY_BODY_BELOW = 64 * 1024
@@ -33,9 +36,9 @@ class UpstreamError(Exception):
 class _Connection(asyncio.Protocol):
     """One connection to a worker; one exchange at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, port: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
         self.loop = loop
-        self.port = port
+        self.key = key
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self.used = False  # has served an exchange before (a stale keep-alive may fail)
@@ -207,24 +210,27 @@ class Response:
 
 
 class UpstreamPool:
-    """Keep-alive connections to workers on 127.0.0.1, by port, most recently used first."""
+    """Keep-alive connections by (host, port) (a worker on loopback, or a node's agent),
+    most recently used first."""
 
     def __init__(self, connect_timeout_s: float = 5.0, idle_timeout_s: float = 60.0) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
-        self._idle: dict[int, collections.deque[_Connection]] = {}
+        self._idle: dict[tuple[str, int], collections.deque[_Connection]] = {}
 
     async def request(
         self,
-        port: int,
+        to: Upstream,
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
     ) -> Response:
         """Send a request and wait for the answer's status and headers (as long as the
-        worker takes). Raises UpstreamError if there is no answer."""
-        head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: 127.0.0.1:", b"%d" % port]
+        worker takes). `target` and `headers` go as given (the caller adds `to.prefix` and
+        `to.authorization`); the Host header is `to`'s. Raises UpstreamError if there is no
+        answer."""
+        head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", to.authority.encode()]
         for name, value in headers:
             head += (b"\r\n", name, b": ", value)
         if body or method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
@@ -235,7 +241,7 @@ class UpstreamPool:
             payload, rest = b"".join(head), b""
         else:  # two writes rather than a copy of a large body
             payload, rest = b"".join(head), body
-        conn = self._take(port)
+        conn = self._take(to.key)
         if conn is not None:
             try:
                 return await self._exchange(conn, method, payload, rest)
@@ -244,7 +250,7 @@ class UpstreamPool:
                 # new one when that is safe (nothing came back, idempotent method).
                 if conn.received or method not in _RETRYABLE:
                     raise
-        return await self._exchange(await self._connect(port), method, payload, rest)
+        return await self._exchange(await self._connect(to), method, payload, rest)
 
     async def _exchange(
         self, conn: _Connection, method: str, payload: bytes, rest: bytes = b""
@@ -265,8 +271,8 @@ class UpstreamPool:
             raise conn.error
         return Response(conn, self)
 
-    def _take(self, port: int) -> _Connection | None:
-        idle = self._idle.get(port)
+    def _take(self, key: tuple[str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
@@ -275,27 +281,28 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def _connect(self, port: int) -> _Connection:
+    async def _connect(self, to: Upstream) -> _Connection:
         loop = asyncio.get_running_loop()
+        key = to.key
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(loop, port), "127.0.0.1", port),
+                loop.create_connection(lambda: _Connection(loop, key), to.host, to.port),
                 self.connect_timeout_s,
             )
         except asyncio.TimeoutError:
             raise UpstreamError(
-                f"no connection to 127.0.0.1:{port} within {self.connect_timeout_s:g} s"
+                f"no connection to {to.describe()} within {self.connect_timeout_s:g} s"
             ) from None
         except OSError as exc:
             raise UpstreamError(
-                f"cannot connect to 127.0.0.1:{port}: {exc.strerror or exc}"
+                f"cannot connect to {to.describe()}: {exc.strerror or exc}"
             ) from None
         return conn
 
     def _release(self, conn: _Connection) -> None:
         if conn.done and conn.reusable and not conn.lost and conn.error is None:
             conn.idle_since = time.monotonic()
-            idle = self._idle.setdefault(conn.port, collections.deque())
+            idle = self._idle.setdefault(conn.key, collections.deque())
             # Drop connections idle too long from the cold end while we are here.
             while idle and conn.idle_since - idle[0].idle_since >= self.idle_timeout_s:
                 idle.popleft().close()

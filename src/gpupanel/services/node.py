@@ -26,6 +26,7 @@ from gpupanel.core.config import Config, WorkerSpec
 from gpupanel.core.estimate import ModelShape, ShapeError, shape_from_metadata
 from gpupanel.core.gpu import GpuBackend
 from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.upstream import Upstream
 from gpupanel.core.worker import WorkerState, attribute_processes, pin_verdict
 from gpupanel.errors import GgufError, Invalid, NotFound, RuntimeRequestError, Unavailable
 from gpupanel.services.sampler import Sampler
@@ -79,6 +80,11 @@ class Node(Protocol):
 
     async def log(self, worker_id: str, lines: int) -> list[str]: ...
 
+    def upstream(self, worker: WorkerState) -> Upstream:
+        """Where the proxy sends `worker`'s requests: its port on loopback for this host,
+        the node's agent for another (docs/architecture.md, "The path of a request")."""
+        ...
+
 
 def _not_found_or_failed(exc: RuntimeRequestError) -> Exception:
     """A worker's refusal that is the caller's problem (no such model, bad request) or the
@@ -111,6 +117,7 @@ class LocalNode:
         self.simulated = backend.simulated
         self._supervisor: Supervisor | None = None
         self._client: httpx.AsyncClient | None = None
+        self._upstreams: dict[int, Upstream] = {}  # by port: one per worker, made once
 
     # ---- life -------------------------------------------------------------------------------
 
@@ -128,6 +135,13 @@ class LocalNode:
         if self._client is not None:
             await self._client.aclose()
         self.sampler.close()
+
+    def upstream(self, worker: WorkerState) -> Upstream:
+        """A worker of this host: its port on loopback."""
+        up = self._upstreams.get(worker.port)
+        if up is None:
+            up = self._upstreams[worker.port] = Upstream.loopback(worker.port)
+        return up
 
     @property
     def supervisor(self) -> Supervisor:

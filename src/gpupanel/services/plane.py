@@ -19,6 +19,7 @@ from gpupanel.core.config import Config
 from gpupanel.core.requests import Finished
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.units import GIB
+from gpupanel.core.upstream import Upstream
 from gpupanel.core.warnings import Thresholds, evaluate
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import NotFound
@@ -65,6 +66,7 @@ class Plane:
         usage: UsageLog | None = None,
     ) -> None:
         self.nodes = list(nodes)
+        self._by_name = {n.name: n for n in self.nodes}
         self.on_finished = tuple(on_finished)
         """Called with each proxied request that ended (usage history)."""
         self.usage = usage
@@ -120,6 +122,13 @@ class Plane:
                 return node
         known = sorted(w for n in self.nodes for w in n.worker_ids())
         raise NotFound(f"no worker {worker_id!r} (workers: {', '.join(known) or 'none'})")
+
+    def upstream_of(self, worker: WorkerState) -> Upstream:
+        """Where the proxy sends `worker`'s requests: loopback for this host's workers, the
+        agent of the worker's node for another's (docs/architecture.md, "The path of a
+        request"). On the proxy's hot path: a dict lookup or two."""
+        node = self._by_name.get(worker.node)
+        return (node or self.nodes[0]).upstream(worker)
 
     def worker(self, worker_id: str) -> WorkerState:
         """The worker's state in the latest snapshot."""

@@ -18,11 +18,14 @@ import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from gpupanel.adapters.runtimes.ollama import KeepAlive
+from gpupanel.core.cluster import Secret
 from gpupanel.core.config import PanelSettings, WorkerSpec
 from gpupanel.core.model import GpuSample
 from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.upstream import Upstream
 from gpupanel.core.worker import Health, WorkerState
 from gpupanel.errors import Invalid, NotFound, Unavailable
 from gpupanel.services.node import ModelSize
@@ -52,7 +55,7 @@ class AgentLink(Protocol):
 class RemoteNode:
     """One other host, as the plane sees it: its workers' specs (read from its agent at
     attach) and every operation and sample through the agent. `url` is where the agent
-    serves its node's workers (behind the cluster token)."""
+    serves its node's workers, behind the cluster `token` (the proxy's hop: `upstream`)."""
 
     def __init__(
         self,
@@ -62,6 +65,7 @@ class RemoteNode:
         simulated: bool,
         url: str,
         panel: PanelSettings,
+        token: Secret | None = None,
     ) -> None:
         self.name = name
         self.agent = agent
@@ -69,6 +73,8 @@ class RemoteNode:
         self.simulated = simulated
         self.url = url
         self.panel = panel
+        self.token = token
+        self._upstreams: dict[str, Upstream] = {}  # by worker id, for self.url
         self.last: Snapshot | None = None
         self.down: str | None = None
         """Why the agent did not answer the last sample (None while it answers)."""
@@ -83,6 +89,22 @@ class RemoteNode:
         if spec is None:
             raise NotFound(f"no worker {worker_id!r} on node {self.name!r}")
         return spec
+
+    def upstream(self, worker: WorkerState) -> Upstream:
+        """A worker of this node, through its agent: the agent's address and port, the
+        target under the agent's `/proxy/{id}`, the cluster token as `Authorization`."""
+        up = self._upstreams.get(worker.id)
+        if up is None:
+            where = urlsplit(self.url)
+            if where.hostname is None or where.port is None:
+                raise Unavailable(
+                    f"the agent of node {self.name!r} gave no usable address ({self.url!r}): "
+                    "restart `gpupanel serve --ray` to re-attach"
+                )
+            token = self.token.value if self.token is not None else ""
+            up = Upstream.agent(where.hostname, where.port, worker.id, token, self.name)
+            self._upstreams[worker.id] = up
+        return up
 
     # ---- the snapshot -------------------------------------------------------------------------
 
