@@ -3,7 +3,7 @@ Chromium, never a downloaded browser.
 
 1. A running `gpupanel demo`: open its dashboard, wait for the widgets (not the page load),
    find each GPU and worker, select a GPU's row, click restart on its worker and see its pid
-   change through the API.
+   change through the API; open the usage section and see the demo's apps in it.
 2. `gpupanel dashboard` with no control plane yet: the page says which URL it tries, then
    attaches by itself once `gpupanel serve` answers there.
 3. Issue 15's overview: `gpupanel serve --simulate 8x80` in a 1280x800 window: all eight GPU
@@ -107,6 +107,18 @@ def test_dashboard_of_a_running_demo_shows_gpus_workers_and_restarts_one(
         expect(row).to_contain_text(str(after), timeout=30_000)
         expect(row).to_contain_text("running")
         page.screenshot(path=str(ARTIFACTS / "dashboard-demo-restarted.png"), full_page=True)
+
+        # The usage section, closed (its view not even built) until a click opens it: bars
+        # and a table of the demo's apps, whose traffic has been flowing since the start.
+        section = page.locator(".gpupanel-usage-section")
+        expect(section).to_contain_text("Usage:")
+        expect(section.locator(".gpupanel-usage")).to_have_count(0)
+        section.get_by_text("Usage:").first.click()
+        expect(section.locator(".gpupanel-usage-chart")).to_have_count(2, timeout=30_000)
+        expect(section.locator(".gpupanel-usage-table")).to_contain_text("chat-ui", timeout=60_000)
+        expect(
+            section.locator(".gpupanel-usage-chart").first.locator("rect.bar")
+        ).not_to_have_count(0)
 
         pids = demo.started_pids()  # workers, runners, Voila and this page's kernel
         page.close()

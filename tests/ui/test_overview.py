@@ -259,6 +259,15 @@ class FakeSource:
         self.calls.append(("stop_process", pid, force))
         return f"pid {pid} (python) terminated"
 
+    def usage(self, since: str = "7d", by: str = "app") -> Mapping[str, Any]:
+        self.calls.append(("usage", since, by))
+        rows = [
+            {"key": "chat-ui", "requests": 5, "errors": 1, "cancelled": 0, "tokens_in": 50,
+             "tokens_out": 400, "counted_requests": 5, "uncounted_chunks": 0, "gpu_seconds": 9.0},
+        ]  # fmt: skip
+        return {"by": by, "since": 1.0, "until": 2.0, "rows": rows, "total": rows[0],
+                "persistent": True, "problem": None}  # fmt: skip
+
 
 @pytest.fixture
 def fake() -> FakeSource:
@@ -449,3 +458,41 @@ def test_the_guard_estimate_shows_before_the_load_click(
     form.unload_button.click()
     settle(panel)
     assert ("unload", "gpu0", "qwen2.5:0.5b") in fake.calls
+
+
+def test_the_usage_section_is_closed_and_read_only_while_open(
+    fake: FakeSource, panel: PanelWidget
+) -> None:
+    section = panel.usage_section
+    assert "gpupanel-usage-section" in section._dom_classes and section in panel.children
+    assert section.selected_index is None and panel.usage_view is None  # closed: not built
+    assert "(simulated workstation)" in section.titles[0]
+    panel.refresh()
+    assert not [c for c in fake.calls if c[0] == "usage"]  # closed: never read
+
+    section.selected_index = 0  # what a click on its title does
+    panel.refresh()
+    view = panel.usage_view
+    assert view is not None and panel.usage_box.children == (view,)
+    assert "gpupanel-usage" in view._dom_classes
+    assert fake.calls[-1] == ("usage", "24h", "app")
+    assert list(view.requests_chart.bars.x) == ["chat-ui"]
+    assert [list(r) for r in view.requests_chart.bars.y] == [[4], [1], [0]]
+    reads = len(fake.calls)
+    panel.refresh()  # within USAGE_EVERY_S, nothing asked: neither read nor drawn again
+    assert len(fake.calls) == reads
+
+    # One writer: a new grouping only wakes the binder; the next pass reads and draws.
+    view.grouping.value = "model"
+    assert len(fake.calls) == reads and view.asked and "<th>app</th>" in view.table.value
+    panel.refresh()
+    assert fake.calls[-1] == ("usage", "24h", "model") and "<th>model</th>" in view.table.value
+    view.refresh_button.click()
+    assert fake.calls[-1] == ("usage", "24h", "model") and len(fake.calls) == reads + 1
+    assert panel.refresh() == 0  # read again, the same numbers: nothing sent
+    assert len(fake.calls) == reads + 2
+
+    section.selected_index = None  # closed again: no more reads
+    view.refresh_button.click()
+    panel.refresh()
+    assert len(fake.calls) == reads + 2

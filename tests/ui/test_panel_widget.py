@@ -336,3 +336,45 @@ def test_the_binder_thread_updates_on_its_own_and_stops_on_close(live: Live) -> 
     finally:
         w.close()
     assert not w.running
+
+
+def test_the_usage_section_shows_bars_for_the_apps_that_sent_requests(
+    live: Live, widget: PanelWidget
+) -> None:
+    apps = {"usage-app-a": 3, "usage-app-b": 1}
+    with httpx.Client(timeout=60, trust_env=False) as client:
+        for app, count in apps.items():
+            for _ in range(count):
+                r = client.post(
+                    f"{live.panel.url}/proxy/gpu1/v1/chat/completions",
+                    headers={"X-GPUPanel-App": app},
+                    json={"model": "qwen2.5:0.5b", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 4},
+                )  # fmt: skip
+                assert r.status_code == 200, r.text
+    try:
+        widget.refresh()
+        assert widget.usage_view is None  # closed: nothing built, nothing read
+        widget.usage_section.selected_index = 0  # the user opens it
+        view = poll(widget, lambda: widget.usage_view, what="the usage view built")
+        assert "gpupanel-usage" in view._dom_classes and widget.usage_box.children == (view,)
+        assert "(simulated workstation)" in widget.usage_section.titles[0]
+
+        def bars() -> dict[str, float]:
+            chart = view.requests_chart.bars
+            return {str(x): float(sum(col)) for x, col in zip(chart.x, chart.y.T, strict=True)}
+
+        poll(widget, lambda: apps.items() <= bars().items(), what=f"bars for {apps}")
+        assert view.error_message is None
+        for app, count in apps.items():
+            assert app in view.table.value
+            assert f"<td>{app}</td><td style='text-align:right'>{count}</td>" in view.table.value
+        tokens = view.tokens_chart.bars
+        out = dict(zip(tokens.x, tokens.y[1], strict=True))
+        assert out["usage-app-a"] > 0  # the simulated Ollama reports its token counts
+
+        view.grouping.value = "worker"  # the next pass reads it by worker
+        poll(widget, lambda: "gpu1" in bars(), what="a bar for worker gpu1")
+        assert bars()["gpu1"] >= sum(apps.values())
+    finally:
+        live.panel.unload("gpu1", "qwen2.5:0.5b")

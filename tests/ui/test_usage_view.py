@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from gpupanel.client import Panel, PanelError
-from gpupanel.ui.usage import MAX_BARS, PERIODS, UsageView
+from gpupanel.ui.usage import (
+    MAX_BARS,
+    NO_TOKENS_TITLE,
+    PERIODS,
+    TOKENS_TITLE,
+    UsageView,
+    nice_ticks,
+)
 from tests.conftest import free_port
 
 
@@ -124,3 +131,23 @@ def test_a_period_or_grouping_it_does_not_offer_is_refused() -> None:
         UsageView(FakeUsage([row("a", 1)]), since="2h")
     with pytest.raises(ValueError, match="by one of app, model, worker"):
         UsageView(FakeUsage([row("a", 1)]), by="gpu")
+
+
+def test_count_axes_tick_whole_numbers_and_a_period_without_counts_says_so() -> None:
+    assert nice_ticks(0) == [0.0, 1.0] and nice_ticks(4) == [0, 1, 2, 3, 4]
+    assert nice_ticks(4.1) == [0, 2, 4, 6] and nice_ticks(13) == [0, 5, 10, 15]
+    assert nice_ticks(56789) == [0, 20000, 40000, 60000]
+    source = FakeUsage([row("team-a", 7), row("team-b", 2)])
+    view = UsageView(source)
+    assert view.requests_chart.y.max == 8 and list(view.requests_chart.y_axis.tick_values) == [
+        0,
+        2,
+        4,
+        6,
+        8,
+    ]
+    assert view.tokens_chart.figure.title == TOKENS_TITLE
+    assert view.tokens_chart.y.max == 800  # 7 x (10 in + 100 out) = 770, in steps of 200
+    source.rows = [row("batch", 3, counted_requests=0, tokens_in=0, tokens_out=0)]
+    view.refresh()
+    assert view.tokens_chart.figure.title == NO_TOKENS_TITLE and view.tokens_chart.y.max == 1

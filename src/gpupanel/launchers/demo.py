@@ -131,7 +131,15 @@ def traffic_callers(url: str) -> tuple[Caller, ...]:
     notebook on their own workers."""
     return (
         Caller("chat-ui", f"{url}/v1", (LOADED[0], LOADED[1]), (1.0, 4.0), (60, 200)),
-        Caller("rag-batch", f"{url}/proxy/gpu2/v1", (LOADED[2],), (2.0, 6.0), (100, 200)),
+        # A batch job that does not ask for token counts: its usage shows answer chunks.
+        Caller(
+            "rag-batch",
+            f"{url}/proxy/gpu2/v1",
+            (LOADED[2],),
+            (2.0, 6.0),
+            (100, 200),
+            include_usage=False,
+        ),
         Caller("notebook", f"{url}/proxy/gpu3/v1", (LOADED[3],), (4.0, 10.0), (30, 120)),
     )
 

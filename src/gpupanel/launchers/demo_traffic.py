@@ -35,6 +35,9 @@ class Caller:
     models: tuple[str, ...]
     pause_s: tuple[float, float] = (2.0, 6.0)
     max_tokens: tuple[int, int] = (40, 160)
+    include_usage: bool = True
+    """Ask for the token counts at the end of each stream (`stream_options.include_usage`);
+    without it the usage history counts the answer's chunks instead (docs/api.md)."""
 
 
 @dataclass
@@ -120,6 +123,7 @@ class TrafficGenerator:
             messages=[{"role": "user", "content": rng.choice(PROMPTS)}],
             max_tokens=rng.randint(*caller.max_tokens),
             stream=True,
+            **({"stream_options": {"include_usage": True}} if caller.include_usage else {}),
         )
         with stream:
             for _chunk in stream:

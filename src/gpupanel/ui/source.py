@@ -98,3 +98,8 @@ class PanelSource(Protocol):
     def stop_process(self, pid: int, force: bool = False) -> str:
         """Stop a process by pid (`force` for one that is no worker's); the result line."""
         ...
+
+    def usage(self, since: str = "7d", by: str = "app") -> Mapping[str, Any]:
+        """The usage report over a period, per app, model or worker (docs/api.md, "Usage
+        history"); what the panel's usage section shows (`gpupanel.ui.usage.UsageView`)."""
+        ...

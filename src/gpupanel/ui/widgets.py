@@ -7,7 +7,9 @@ Layout (docs/architecture.md, "The panel"): the overview first, one row per GPU 
 selects the GPU and its worker), then the controls of the selected GPU's worker(s) (start,
 stop, restart, log; load, unload, pull with its progress bar; the GPU's warnings with the
 actions that fix them). Below them: the worker's log when opened, the VRAM of every GPU over
-time and the selected GPU's chart, all warnings, the requests in flight.
+time and the selected GPU's chart, all warnings, the requests in flight, and a collapsible
+"Usage" section (closed at first) with `gpupanel.ui.usage.UsageView`: built the first time
+it is opened, and read (`PanelSource.usage`) only while it is open.
 
 One writer (docs/architecture.md): every widget change happens in `PanelWidget.refresh()`,
 one binder pass that reads one snapshot and writes the differences inside `hold_sync()`
@@ -16,7 +18,9 @@ one binder pass that reads one snapshot and writes the differences inside `hold_
 (`gpupanel.ui.binder.Commands`) or change the panel's own plain state (the selection, the
 open log, a confirmation asked); the next pass shows the outcome, so a click never writes a
 widget, and a slow command never blocks the display. A pull reports its progress to
-`Commands` from its thread; the passes move the bar.
+`Commands` from its thread; the passes move the bar. The usage view follows the same rule:
+its period, grouping and Refresh only wake the binder, whose pass reads the usage (outside
+the pass lock, like the log) and draws it.
 
 Control-plane errors (refused calls, a control plane that went away) show as a banner,
 never as a traceback; the binder keeps retrying and the banner goes once it answers again.
@@ -25,8 +29,10 @@ DOM hooks for browser tests: `gpupanel-panel` (the whole panel), `gpupanel-simul
 badge, shown only for simulated data), `gpupanel-error`, `gpupanel-status`,
 `gpupanel-ensure`, `gpupanel-overview` (the GPU table), `gpupanel-controls` (the selected
 GPU's controls), `gpupanel-gpu-warnings`, `gpupanel-log`, `gpupanel-charts`,
-`gpupanel-selected-gpu`, `gpupanel-warnings`, `gpupanel-requests`, plus those in
-`gpupanel.ui.cards` (`gpupanel-gpu`, `gpupanel-worker-<id>`, `gpupanel-restart-<id>`, ...).
+`gpupanel-selected-gpu`, `gpupanel-warnings`, `gpupanel-requests`, `gpupanel-usage-section`
+(the collapsible section) and `gpupanel-usage` (the view inside, with the hooks listed in
+`gpupanel.ui.usage`), plus those in `gpupanel.ui.cards` (`gpupanel-gpu`,
+`gpupanel-worker-<id>`, `gpupanel-restart-<id>`, ...).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from gpupanel.ui.charts import GpuChart, VramChart, gpu_history, sample_of
 from gpupanel.ui.heuristics import ActivityTracker, GpuActivity
 from gpupanel.ui.render import PullTally, WarningAction
 from gpupanel.ui.source import PanelSource
+from gpupanel.ui.usage import UsageView
 
 logger = logging.getLogger(__name__)
 PAST_TENSE = {"start": "started", "stop": "stopped", "restart": "restarted"}
@@ -56,6 +63,11 @@ LOG_LINES = 40
 LOG_EVERY_S = 2.0
 QUIET_KEYS = frozenset({"estimate:auto"})
 """Commands the panel runs by itself: their outcomes stay out of the status line."""
+USAGE_EVERY_S = 10.0
+"""How often the open usage section reads the usage again by itself."""
+USAGE_QUERY = ("24h", "app")
+"""The usage view's period and grouping when it is first opened."""
+USAGE_TITLE = "Usage: requests and tokens per app, model or worker"
 
 
 class PanelWidget(w.VBox):
@@ -93,6 +105,10 @@ class PanelWidget(w.VBox):
         self._log: tuple[str, list[str] | None, str | None, float] | None = None
         self._log_read = 0.0
         self._estimated: tuple[Any, ...] | None = None
+        self._usage: tuple[tuple[str, str], Mapping[str, Any] | None, str | None, float] | None
+        self._usage = None  # (query, report, error, when read)
+        self._usage_read = 0.0
+        self._usage_shown: float | None = None
 
         self.header = w.HTML(
             render.header_html(panel.url, panel.in_process, None, None),
@@ -174,6 +190,16 @@ class PanelWidget(w.VBox):
         self.warnings.add_class("gpupanel-warnings")
         self.requests = w.HTML(render.requests_html([], [], None))
         self.requests.add_class("gpupanel-requests")
+        # Below the fold, closed: the view is built when first opened (one binder pass).
+        self.usage_view: UsageView | None = None
+        self.usage_box = w.VBox(
+            [w.HTML("<i>reading the usage history\u2026</i>")], layout=w.Layout(width="100%")
+        )
+        self.usage_section = w.Accordion(
+            children=[self.usage_box], titles=(USAGE_TITLE,), selected_index=None
+        )
+        self.usage_section.layout.margin = "8px 0 0 0"
+        self.usage_section.add_class("gpupanel-usage-section")
         super().__init__(
             [
                 w.HTML(render.PANEL_CSS, layout=w.Layout(display="none")),
@@ -189,6 +215,7 @@ class PanelWidget(w.VBox):
                 self.charts,
                 self.warnings,
                 self.requests,
+                self.usage_section,
             ],
             layout=w.Layout(width="100%"),
         )
@@ -199,6 +226,7 @@ class PanelWidget(w.VBox):
         form = self.model_form
         for field in (form.worker, form.model, form.num_ctx, form.exclusive):
             field.observe(lambda _change: self._binder.wake(), names="value")
+        self.usage_section.observe(lambda _change: self._binder.wake(), names="selected_index")
         if autostart:
             self.start()
 
@@ -247,6 +275,7 @@ class PanelWidget(w.VBox):
             except Exception as exc:
                 error = describe_error(exc)
         self._read_log()
+        self._read_usage()
         with self._pass_lock:
             if self.comm is None:  # closed
                 return 0
@@ -283,6 +312,52 @@ class PanelWidget(w.VBox):
             lines, error = None, describe_error(exc)
         self._log, self._log_read = (worker_id, lines, error, time.time()), now
 
+    @property
+    def usage_open(self) -> bool:
+        """True while the usage section is open (a click on its title opens and closes it)."""
+        return bool(self.usage_section.selected_index == 0)
+
+    def _read_usage(self) -> None:
+        """While the usage section is open: the usage of its period and grouping, read again
+        when they change, on Refresh, and every USAGE_EVERY_S (outside the pass lock)."""
+        if not self.usage_open or self.panel.closed:
+            return
+        view = self.usage_view
+        query = view.query() if view is not None else USAGE_QUERY
+        now = time.monotonic()
+        if (
+            self._usage is not None
+            and self._usage[0] == query
+            and not (view is not None and view.asked)
+            and now - self._usage_read < USAGE_EVERY_S
+        ):
+            return
+        if view is not None:
+            view.asked = False
+            report, error = view.read(query)
+        else:
+            try:
+                report, error = self.panel.usage(since=query[0], by=query[1]), None
+            except Exception as exc:
+                report, error = None, describe_error(exc)
+        self._usage, self._usage_read = (query, report, error, now), now
+
+    def _apply_usage(self, batch: Batch, simulated: bool) -> None:
+        title = USAGE_TITLE + (" (simulated workstation)" if simulated else "")
+        batch.set(self.usage_section, "titles", (title,))
+        if not self.usage_open or self._usage is None:
+            return
+        query, report, error, read_at = self._usage
+        view = self.usage_view
+        if view is None:  # first opened: build the view, showing what was read for it
+            view = self.usage_view = UsageView(
+                self.panel, since=query[0], by=query[1], load=False, on_change=self._binder.wake
+            )
+            batch.set(self.usage_box, "children", (view,))
+        if read_at != self._usage_shown:
+            self._usage_shown = read_at
+            batch.changes += view.apply(report, error)
+
     def _apply(self, batch: Batch) -> None:
         snap = self._snapshot
         pending, outcomes = self.commands.state()
@@ -294,6 +369,7 @@ class PanelWidget(w.VBox):
         batch.show(self.badge, bool(snap and snap.get("simulated")))
         self._show_error(batch)
         batch.set(self.status, "value", _status_html(pending, outcomes))
+        self._apply_usage(batch, bool(snap and snap.get("simulated")))
         if snap is None:
             return
         gpus: dict[str, Mapping[str, Any]] = dict(snap.get("gpus") or {})
