@@ -496,3 +496,19 @@ def test_the_usage_section_is_closed_and_read_only_while_open(
     view.refresh_button.click()
     panel.refresh()
     assert len(fake.calls) == reads + 2
+
+
+def test_gpus_of_several_hosts_are_grouped_by_host_and_named() -> None:
+    gpus: dict[str, dict[str, Any]] = {
+        "GPU-b0": {"uuid": "GPU-b0", "index": 0, "host": "node-b", "name": "H100"},
+        "GPU-a1": {"uuid": "GPU-a1", "index": 1, "host": "node-a", "name": "H100"},
+        "GPU-a0": {"uuid": "GPU-a0", "index": 0, "host": "node-a", "name": "H100"},
+        "GPU-b1": {"uuid": "GPU-b1", "index": 1, "host": "node-b", "name": "H100"},
+    }
+    assert render.gpu_order(gpus) == ["GPU-a0", "GPU-a1", "GPU-b0", "GPU-b1"]
+    row = render.overview_row_html(gpus["GPU-b1"], {}, [], 0, "GPU-b1")
+    assert "node-b" in row and 'title="node-b: H100"' in row
+    # One host: GPUs carry no host, the order is by index and no host is shown.
+    one = {u: {k: v for k, v in g.items() if k != "host"} for u, g in gpus.items()}
+    assert render.gpu_order(one) == ["GPU-a0", "GPU-b0", "GPU-a1", "GPU-b1"]
+    assert "node-" not in render.overview_row_html(one["GPU-b1"], {}, [], 0, "GPU-b1")

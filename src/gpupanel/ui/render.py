@@ -471,6 +471,20 @@ def _warnings_cell(warnings: Sequence[Mapping[str, Any]]) -> str:
     return f"{_pill(str(first.get('code')), colour)}{more}"
 
 
+def gpu_order(gpus: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The overview's order of GPUs (by UUID): grouped by host when the plane spans several
+    (docs/cluster.md), then by index."""
+    return sorted(
+        gpus,
+        key=lambda u: (
+            str(gpus[u].get("host") or ""),
+            gpus[u].get("index") is None,
+            gpus[u].get("index") or 0,
+            u,
+        ),
+    )
+
+
 def overview_head_html() -> str:
     """The overview's heading row (same column widths as every row)."""
     cols = "".join(f'<col style="width:{w}%">' for _, _, w in OVERVIEW_COLUMNS)
@@ -498,7 +512,10 @@ def overview_row_html(
     lost = f" {_pill('LOST', '#b91c1c')}" if gpu.get("lost") else ""
     cells = {
         "gpu": f"<b>{'?' if index is None else esc(index)}</b>{lost}",
-        "name": esc(_short_name(gpu.get("name"))),
+        "name": (
+            f'<span style="{MUTED}">{esc(gpu["host"])} \u00b7</span> ' if gpu.get("host") else ""
+        )
+        + esc(_short_name(gpu.get("name"))),
         "uuid": f"<code>{esc(short_uuid)}</code>",
         "vram": vram_bar_html(used, total),
         "util": "?" if util is None else f"{esc(util)} %",
@@ -511,7 +528,7 @@ def overview_row_html(
         "warnings": _warnings_cell(warnings),
     }
     titles = {
-        "name": str(gpu.get("name") or ""),
+        "name": (f"{gpu['host']}: " if gpu.get("host") else "") + str(gpu.get("name") or ""),
         "uuid": str(gpu.get("uuid") or ""),
         "power": "" if limit is None else f"limit {float(limit):.0f} W",
         "models": models_text,

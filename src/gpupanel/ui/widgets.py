@@ -379,7 +379,7 @@ class PanelWidget(w.VBox):
             uuid = str(worker.get("gpu_uuid"))
             if uuid not in gpus:
                 gpus[uuid] = render.stub_gpu(uuid)
-        order = sorted(gpus, key=lambda u: (gpus[u].get("index") is None, gpus[u].get("index"), u))
+        order = render.gpu_order(gpus)
         if self.selected not in gpus:
             self.selected = order[0] if order else None
         selected = self.selected  # one selection for the whole pass (a click may change it)
