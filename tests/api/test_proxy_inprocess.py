@@ -956,6 +956,33 @@ async def test_agent_own_error_fails_over_on_v1_and_passes_on_proxy(
     assert hop.b1.seen == []
 
 
+async def test_a_lost_node_is_skipped_and_a_failed_hop_asks_where_its_agent_is(
+    rigs: Rigs, tmp_path: Path
+) -> None:
+    hop = await _hop(rigs, tmp_path)
+    plane = hop.plane.plane
+    remote = plane._by_name["gpu-b"]
+    assert isinstance(remote, FakeNode)
+    asked: list[str] = []
+    remote.reresolve = lambda: asked.append("gpu-b")  # type: ignore[attr-defined]
+    # a port where nothing listens: the agent moved
+    remote.hops["b1"] = Upstream_.agent("127.0.0.1", refused_port(), "b1", TOKEN, "gpu-b")
+    r = await hop.plane.client.post("/v1/chat/completions", json={**CHAT, "model": "phi3:mini"})
+    assert r.status_code == 502 and error_of(r)["code"] == "workers_unreachable"
+    assert asked == ["gpu-b"]  # RemoteNode.reresolve: ask the agent its address again
+    # the node is down: b1 is node_lost, /v1 goes to a, /proxy/b1 names the node
+    remote.set("b1", status="node_lost", lifecycle="node_lost", last_error="node gone")
+    hop.plane.node.set("a", models_available=("phi3:mini",))
+    await hop.plane.refresh()
+    asked.clear()
+    r = await hop.plane.client.post("/v1/chat/completions", json={**CHAT, "model": "phi3:mini"})
+    assert r.status_code == 200 and r.headers["x-gpupanel-worker"] == "a"
+    r = await hop.plane.client.post("/proxy/b1/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503 and error_of(r)["code"] == "node_down"
+    assert "worker b1 is on node gpu-b, which is down: node gone" in error_of(r)["message"]
+    assert asked == [] and hop.b1.seen == []
+
+
 # ---- the real openai client -------------------------------------------------------------------
 
 

@@ -371,6 +371,7 @@ def test_stopping_and_gone_is_stopped() -> None:
         ("crash_loop", True, "crashed"),
         ("blocked", None, "blocked"),
         ("blocked", False, "blocked"),
+        ("node_lost", False, "node_lost"),
     ],
 )
 def test_contract_status(life: str, healthy: bool | None, status: str) -> None:

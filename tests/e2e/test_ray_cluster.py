@@ -3,7 +3,9 @@ nodes on this machine, each node with its own simulated workstation, and a real
 `gpupanel serve --ray ADDRESS` attached to it.
 
 Needs the `ray` extra; skipped without it unless GPUPANEL_REQUIRE_RAY=1 (CI) says it must
-be there. One cluster serves the whole module (starting one takes 10-30 s here).
+be there. One cluster serves the whole module (starting one takes 10-30 s here). The last
+test removes node c and adds a node in its place (with a new id, `RayCluster.c`): it stays
+last, so that the tests before it see the cluster as it was made.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ except ImportError:  # pragma: no cover (CI installs it)
             pytrace=False,
         )
     pytest.skip("ray is not installed (pip install 'gpupanel[ray]')", allow_module_level=True)
+
+from gpupanel.services.ray_node import SAMPLE_WAIT_S
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -317,6 +322,15 @@ def test_serve_ray_runs_workers_on_both_nodes_and_reattaches(
         workers = wait_for(lambda: serve.running("b1"), 60, "b1 through the new agent")
         assert workers["b1"]["pid"] == pids["b1"] and workers["b1"]["adopted"] is True
         assert _processes_of_worker(rc, "b1") == [pids["b1"]]
+        # the new agent listens on a new port (agent_port = 0): the plane asks it where, and
+        # the hop works again without restarting serve; node b's warning is gone
+        assert rc.info(rc.b)["url"] != info["url"]
+        wait_for(
+            lambda: serve.http.get("/proxy/b1/api/tags").status_code == 200,
+            30,
+            "the hop to b1 through the restarted agent's new port",
+        )
+        assert not [w for w in serve.snapshot()["warnings"] if w["code"] == "node_down"]
 
         # -- the token is in no log: serve's, the agents', Ray's
         logs = [serve.log, *(rc.session / "logs").rglob("*")]
@@ -425,3 +439,113 @@ def test_serve_ray_errors_name_the_problem_and_the_fix(
     line = _serve_fails(ray_cluster, tmp_path, "", f"127.0.0.1:{free_port()}")
     assert line.startswith("gpupanel: cannot attach to the Ray cluster at 127.0.0.1:"), line
     assert "`ray start --head`" in line and time.monotonic() - t0 < 30
+
+
+SHARED_MODEL = "llama3.2:1b"
+"""On the plane's worker h2 and on node c's worker c2: `/v1` has somewhere to go when c goes."""
+
+
+def test_a_removed_node_is_down_its_workers_lost_and_v1_fails_over(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    rc = ray_cluster
+    c_name = rc.c[:12]
+    ports = [free_port() for _ in range(2)]
+    pulled = f'env = {{ GPUPANEL_SIM_PULLED = "{SHARED_MODEL}" }}\n'
+    config = tmp_path / "gpupanel.toml"
+    config.write_text(
+        f'[[workers]]\nid = "h2"\ngpu = 2\nport = {ports[0]}\n{pulled}\n'
+        f'[[workers]]\nid = "c2"\ngpu = 2\nport = {ports[1]}\nnode = "{c_name}"\n{pulled}'
+    )
+    serve = Serve(rc, config, tmp_path / "serve.log")
+    c2_pid: int | None = None
+    try:
+        serve.start()
+        workers = wait_for(lambda: serve.running("h2", "c2"), 120, "h2 and c2")
+        c2_pid = workers["c2"]["pid"]
+
+        def both_have_it() -> bool:  # the workers' models are probed after they start
+            models = serve.http.get("/v1/models").json()["data"]
+            return [sorted(m["workers"]) for m in models if m["id"] == SHARED_MODEL] == [
+                ["c2", "h2"]
+            ]
+
+        wait_for(both_have_it, 60, f"h2 and c2 to list {SHARED_MODEL}")
+        served: dict[str, int] = {}
+        failed: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            """The real openai client asks for the shared model, before, during and after."""
+            with _openai(f"{serve.url}/v1") as client:
+                while not stop.is_set():
+                    try:
+                        raw = client.chat.completions.with_raw_response.create(
+                            model=SHARED_MODEL,
+                            messages=[{"role": "user", "content": "hi"}],
+                            max_tokens=4,
+                        )
+                        assert raw.parse().choices[0].message.content
+                        worker = raw.headers["x-gpupanel-worker"]
+                        served[worker] = served.get(worker, 0) + 1
+                    except Exception as exc:
+                        failed.append(f"{time.monotonic():.2f} {type(exc).__name__}: {exc}")
+
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        try:
+            # routing takes c2 first (the model loaded nowhere, nothing in flight: by id)
+            wait_for(lambda: served.get("c2", 0) >= 2 or failed, 60, "requests served by c2")
+            assert failed == [], failed[:3]
+            node_c = next(n for n in rc.cluster.list_all_nodes() if n.node_id == rc.c)
+            t0 = time.monotonic()
+            rc.cluster.remove_node(node_c)
+            removed_s = time.monotonic() - t0
+
+            def down() -> dict[str, Any] | None:
+                snap = serve.snapshot()
+                found = [w for w in snap["warnings"] if w["code"] == "node_down"]
+                return snap if found and snap["workers"]["c2"]["status"] == "node_lost" else None
+
+            snap = wait_for(down, 10, "node_down and c2 node_lost")
+            seen_s = time.monotonic() - t0
+            before = dict(served)
+            wait_for(lambda: served.get("h2", 0) >= before.get("h2", 0) + 5, 30, "h2 after")
+        finally:
+            stop.set()
+            sender.join(60)
+        print(
+            f"node c removed in {removed_s:.1f} s; node_down in the snapshot "
+            f"{seen_s - removed_s:.1f} s after; requests served {served}, failed {len(failed)}"
+        )
+        assert failed == [], failed[:3]
+        assert seen_s - removed_s <= 1.0 + SAMPLE_WAIT_S + 1.0  # one tick, one bounded wait
+        (warning,) = [w for w in snap["warnings"] if w["code"] == "node_down"]
+        assert warning["subject"] == f"node:{c_name}" and warning["severity"] == "critical"
+        assert warning["message"].startswith(f"node {c_name} (")
+        assert "Its workers (c2) are node_lost" in warning["message"]
+        assert snap["workers"]["c2"]["lifecycle"] == "node_lost"
+        assert snap["workers"]["h2"]["status"] == "running"
+        c_gpus = [g for g in snap["gpus"].values() if g["host"] == c_name]
+        assert len(c_gpus) == 4 and all(g["lost"] for g in c_gpus)
+        assert not [w for w in snap["warnings"] if w["code"] in ("gpu_lost", "endpoint_down")]
+        models = serve.http.get("/v1/models").json()["data"]
+        assert [m["workers"] for m in models if m["id"] == SHARED_MODEL] == [["h2"]]
+        lost = serve.http.post("/proxy/c2/api/tags")
+        assert (
+            lost.status_code == 503 and f"worker c2 is on node {c_name}, which is down" in lost.text
+        )
+        assert serve.proc is not None and serve.proc.poll() is None
+
+        # a node in c's place (Ray gives it a new id): the cluster is whole again for later
+        # tests; the plane does not take it for c (the config names c by its old id)
+        new = rc.cluster.add_node(**SMALL, resources={"gpupanel-test-c": 1})
+        rc.c = new.node_id
+        assert serve.http.get("/panel/health").status_code == 200
+    finally:
+        with contextlib.suppress(Exception):
+            serve.http.post("/panel/workers/h2/stop")
+        serve.stop()
+        if c2_pid is not None:  # its node is gone, and its agent with it: the worker stays
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(c2_pid).kill()

@@ -3,6 +3,8 @@ tested end to end in tests/e2e/test_ray_cluster.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,9 +14,15 @@ from gpupanel.core.cluster import Secret
 from gpupanel.core.config import PanelSettings, WorkerSpec
 from gpupanel.core.model import GpuSample, Memory, Utilization
 from gpupanel.core.snapshot import Snapshot
+from gpupanel.core.warnings import evaluate
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import Invalid, NotFound, Unavailable
-from gpupanel.services.ray_node import SAMPLE_TIMEOUT_S, RemoteNode
+from gpupanel.services.ray_node import (
+    SAMPLE_TIMEOUT_S,
+    SAMPLE_WAIT_S,
+    Reattached,
+    RemoteNode,
+)
 
 SPEC = WorkerSpec(id="b1", runtime="ollama", gpu="GPU-b0", port=9001, node="gpu-b")
 
@@ -39,12 +47,19 @@ class FakeLink:
         self.calls: list[tuple[str, tuple[Any, ...], float]] = []
         self.answers: dict[str, Any] = {}
         self.failure: Exception | None = None
+        self.hang = False  # calls never answer (a node that went away silently)
+        self.alive: bool | None = True  # what Ray says of the node
 
     async def call(self, method: str, *args: Any, timeout: float) -> Any:
         self.calls.append((method, args, timeout))
+        if self.hang:
+            await asyncio.sleep(3600)
         if self.failure is not None:
             raise self.failure
         return self.answers.get(method)
+
+    async def node_alive(self, timeout: float) -> bool | None:
+        return self.alive
 
     async def stream(self, method: str, *args: Any, timeout: float) -> AsyncIterator[Any]:
         self.calls.append((method, args, timeout))
@@ -73,16 +88,16 @@ async def test_samples_come_from_the_agent_with_their_gpus_host() -> None:
         node.spec("zz")
 
 
-async def test_an_unreachable_agent_reports_lost_gpus_and_unhealthy_workers_then_recovers(
+async def test_a_node_whose_agent_fails_is_down_its_workers_node_lost_then_recovers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     link = FakeLink()
     node = _node(link)
     link.failure = Unavailable("the agent of node 'gpu-b' did not answer snapshot")
-    first = await node.sample()  # never answered yet: the configured workers, unhealthy
+    first = await node.sample()  # never answered yet: the configured workers, node_lost
     assert first.gpus == ()
-    assert [(w.id, w.status, w.pid, w.health.ok) for w in first.workers] == [
-        ("b1", "unhealthy", None, False)
+    assert [(w.id, w.status, w.lifecycle, w.pid, w.health.ok) for w in first.workers] == [
+        ("b1", "node_lost", "node_lost", None, False)
     ]
     link.failure = None
     link.answers["snapshot"] = Snapshot(
@@ -93,17 +108,97 @@ async def test_an_unreachable_agent_reports_lost_gpus_and_unhealthy_workers_then
     down = await node.sample()
     assert [(g.uuid, g.lost, g.host) for g in down.gpus] == [("GPU-b0", True, "gpu-b")]
     (w,) = down.workers
-    assert (w.status, w.pid, w.health.error, w.last_error) == (
-        "unhealthy",
+    assert (w.status, w.lifecycle, w.pid, w.health.error, w.last_error) == (
+        "node_lost",
+        "node_lost",
         4321,
         "node gone",
         "node gone",
     )
-    await node.sample()  # still down: logged once
+    (warning,) = down.warnings
+    assert (warning.code, warning.severity, warning.subject) == (
+        "node_down",
+        "critical",
+        "node:gpu-b",
+    )
+    assert warning.message.startswith("node gpu-b (10.0.0.2) is down: node gone. Its workers (b1)")
+    assert "`ray start --address=<head>:6379`" in warning.message
+    # the plane's warnings: node_down, not the node's GPUs as lost, nor its workers as down
+    found = evaluate(down, (), down.time)
+    assert [(x.code, x.subject) for x in found] == [("node_down", "node:gpu-b")]
+    since = warning.since
+    again = await node.sample()  # still down: logged once, the same `since`
+    assert again.warnings[0].since == since
     assert sum("node gone" in r.getMessage() for r in caplog.records) == 1
     link.failure = None
     back = await node.sample()
-    assert back.workers[0].status == "running" and node.down is None
+    assert back.workers[0].status == "running" and node.down is None and back.warnings == ()
+
+
+async def test_a_silent_node_does_not_hold_up_the_tick_and_is_down_when_ray_says_so() -> None:
+    link = FakeLink()
+    link.answers["snapshot"] = Snapshot(
+        time=1.0, simulated=True, gpus=(_gpu("gpu-b"),), workers=(_state(),)
+    )
+    node = _node(link)
+    await node.sample()
+    link.hang = True
+    t0 = time.monotonic()
+    stale = await node.sample()  # no answer yet, Ray says the node is alive: the last sample
+    assert time.monotonic() - t0 < SAMPLE_WAIT_S + 0.2
+    assert stale.time == 1.0 and stale.workers[0].status == "running"
+    assert await node.sample() is stale
+    assert [c[0] for c in link.calls] == ["snapshot", "snapshot"]  # one call in flight
+    link.alive = False
+    t0 = time.monotonic()
+    lost = await node.sample()
+    assert time.monotonic() - t0 < SAMPLE_WAIT_S + 0.2
+    assert lost.workers[0].status == "node_lost"
+    assert lost.warnings[0].message.startswith(
+        "node gpu-b (10.0.0.2) is down: Ray reports node gpu-b dead."
+    )
+    # the node comes back with a new agent: it answers, and the warning is gone
+    link.hang, link.alive = False, True
+    node._asking = None
+    assert (await node.sample()).warnings == ()
+
+
+async def test_a_down_node_is_attached_again_when_it_rejoins() -> None:
+    old, new = FakeLink(), FakeLink()
+    old.failure = Unavailable("ActorUnschedulableError: the node is gone")
+    new.answers["snapshot"] = Snapshot(
+        time=2.0, simulated=True, gpus=(_gpu("gpu-b"),), workers=(_state(999),)
+    )
+    tries: list[int] = []
+
+    async def reattach() -> Reattached | None:
+        tries.append(1)
+        return None if len(tries) == 1 else Reattached(new, "http://10.0.0.9:40002", [SPEC])
+
+    node = _node(old)
+    node.reattach = reattach
+    assert (await node.sample()).warnings[0].code == "node_down"
+    await asyncio.sleep(0)
+    assert len(tries) == 1  # not back yet
+    node._reattached_at = 0.0  # REATTACH_EVERY_S later
+    await node.sample()
+    await asyncio.sleep(0)
+    assert len(tries) == 2 and node.agent is new and node.url == "http://10.0.0.9:40002"
+    back = await node.sample()
+    assert back.warnings == () and back.workers[0].pid == 999
+    assert node.upstream(back.workers[0]).port == 40002
+
+
+async def test_a_failed_hop_asks_the_agent_where_it_serves_now() -> None:
+    link = FakeLink()
+    link.answers["info"] = {"url": "http://10.0.0.2:40555"}
+    node = _node(link)
+    assert node.upstream(_state()).port == 40001
+    node.reresolve()
+    node.reresolve()  # at most one question at a time
+    await asyncio.sleep(0.01)
+    assert [c[0] for c in link.calls] == ["info"]
+    assert node.url == "http://10.0.0.2:40555" and node.upstream(_state()).port == 40555
 
 
 async def test_operations_go_to_the_agent_with_room_for_the_worker_to_start() -> None:

@@ -98,6 +98,35 @@ def nodes() -> list[ClusterNode]:
     ]
 
 
+ALIVE_TTL_S = 0.5
+"""How long one read of the cluster's live nodes serves every agent's `node_alive`."""
+_alive: tuple[float, frozenset[str]] | None = None
+
+
+def _alive_ids() -> frozenset[str]:
+    return frozenset(
+        str(n["NodeID"])
+        for n in ray.nodes()  # type: ignore[no-untyped-call]
+        if n.get("Alive")
+    )
+
+
+async def alive_node_ids(timeout: float) -> frozenset[str] | None:
+    """The ids of the nodes Ray reports alive (read at most every ALIVE_TTL_S, in a thread:
+    a read of the GCS); None when Ray did not answer within `timeout` s."""
+    global _alive
+    now = time.monotonic()
+    if _alive is not None and now - _alive[0] < ALIVE_TTL_S:
+        return _alive[1]
+    try:
+        ids = await asyncio.wait_for(asyncio.to_thread(_alive_ids), timeout)
+    except (asyncio.TimeoutError, ray.exceptions.RayError, ConnectionError) as exc:
+        log.debug("could not read the cluster's nodes: %s", _reason(exc))
+        return None
+    _alive = (time.monotonic(), ids)
+    return ids
+
+
 def node_ip() -> str:
     """The address of the node this process runs on, as the cluster reaches it."""
     return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
@@ -137,6 +166,11 @@ class Agent:
             f"{type(cause).__name__}: {_reason(cause)} (its log: `ray logs actor --id "
             f"{self.actor_id()}`)"
         )
+
+    async def node_alive(self, timeout: float) -> bool | None:
+        """Does Ray report this agent's node alive? None: Ray did not say in time."""
+        ids = await alive_node_ids(timeout)
+        return None if ids is None else self.node_id in ids
 
     def actor_id(self) -> str:
         try:

@@ -9,9 +9,10 @@ new agent adopts them from its state directory.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,11 @@ from gpupanel._version import __version__
 from gpupanel.adapters import ray_cluster
 from gpupanel.adapters.token import ensure_cluster_token
 from gpupanel.api.agent import AgentSpec, NodeAgent
-from gpupanel.core.cluster import Secret, place, safe_name
+from gpupanel.core.cluster import Secret, match_node, place, safe_name
 from gpupanel.core.config import Config
 from gpupanel.core.defaults import SIM_DIR_ENV
 from gpupanel.errors import ConfigError, GpuPanelError, StateError, Unavailable
-from gpupanel.services.ray_node import RemoteNode
+from gpupanel.services.ray_node import Reattach, Reattached, RemoteNode
 
 log = logging.getLogger("gpupanel.cluster")
 
@@ -48,9 +49,9 @@ def attach_cluster(config: Config, simulate: str | None, address: str, state_dir
     the remote nodes (see the module's docstring). Detaches again if anything fails."""
     local_id = ray_cluster.attach(address)
     try:
-        placement = place(
-            config, ray_cluster.nodes(), local_id, config.cluster.agents == "all-gpu-nodes"
-        )
+        live = ray_cluster.nodes()
+        placement = place(config, live, local_id, config.cluster.agents == "all-gpu-nodes")
+        addresses = {n.node_id: n.address for n in live}
         try:
             token = Secret(ensure_cluster_token(state_dir))
         except OSError as exc:
@@ -58,13 +59,14 @@ def attach_cluster(config: Config, simulate: str | None, address: str, state_dir
                 f"cannot write the cluster token in {state_dir} ({exc.strerror or exc}): make "
                 "the state directory writable, or set state_dir in gpupanel.toml's [panel]"
             ) from None
-        remote = tuple(
-            _agent_node(
-                AgentSpec(name, node_id, node_config, token, simulate, __version__),
-                config,
-            )
+        specs = [
+            AgentSpec(name, node_id, node_config, token, simulate, __version__)
             for node_id, (name, node_config) in placement.agents.items()
-        )
+        ]
+        remote = tuple(_agent_node(spec, config) for spec in specs)
+        for spec, node in zip(specs, remote, strict=True):
+            node.host = addresses.get(spec.node_id) or node.host
+            node.reattach = _reattacher(spec, config)
     except BaseException:
         ray_cluster.detach()
         raise
@@ -126,6 +128,32 @@ def _agent_node(spec: AgentSpec, config: Config) -> RemoteNode:
         panel=config.panel,
         token=spec.token,
     )
+
+
+def _reattacher(spec: AgentSpec, config: Config) -> Reattach:
+    """How the node of `spec`, once down, finds its agent again (docs/cluster.md, "When a node fails"):
+    a live node of the cluster that its name matches (a hostname or an IP: a node that
+    rejoins gets a new Ray id) gets an agent, which adopts the workers still running there.
+    The same node id again is left to Ray (it restarts the agent; the sample then answers)."""
+    current = spec
+
+    def find() -> Reattached | None:
+        nonlocal current
+        try:
+            found = match_node(current.node, ray_cluster.nodes(), f"node {current.node!r}")
+        except ConfigError:
+            return None  # not back (yet), or its name is ambiguous now
+        if found.node_id == current.node_id:
+            return None
+        moved = replace(current, node_id=found.node_id)
+        again = _agent_node(moved, config)
+        current = moved
+        return Reattached(again.agent, again.url, list(again.specs.values()))
+
+    async def reattach() -> Reattached | None:
+        return await asyncio.to_thread(find)
+
+    return reattach
 
 
 def _retire(agent: ray_cluster.Agent) -> None:

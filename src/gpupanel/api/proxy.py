@@ -142,6 +142,8 @@ class ProxyPlane(Protocol):
 
     def upstream_of(self, worker: WorkerState) -> Upstream: ...
 
+    def hop_failed(self, worker: WorkerState) -> None: ...
+
 
 class _Abandoned(Exception):
     """The exchange cannot go on (the client left, or the worker failed mid-stream)."""
@@ -438,6 +440,11 @@ class Proxy:
             _check_worker(caller, worker_id)  # before the lookup: says nothing of others
             _check_key_route(caller, path)
         worker = self._worker(worker_id, caller)
+        if worker.lifecycle == "node_lost":
+            raise Unavailable(
+                f"worker {worker_id} is on node {worker.node}, which is down: {worker.last_error}",
+                "node_down",
+            )
         if worker.pid is None:
             raise Unavailable(
                 f"worker {worker_id} is {worker.status}: start it with `gpupanel workers start {worker_id}`",
@@ -586,6 +593,8 @@ class Proxy:
         try:
             upstream = await self.upstream.request(hop, scope["method"], target, headers, body)
         except UpstreamError as exc:
+            if hop.authorization is not None:
+                self.plane.hop_failed(worker)  # the agent may have moved (docs/cluster.md)
             raise _UpstreamFailed(str(exc)) from None
         try:
             if (

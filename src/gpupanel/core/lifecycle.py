@@ -26,11 +26,15 @@ from typing import Literal
 from gpupanel.core.restart import RestartPolicy
 
 Lifecycle = Literal[
-    "stopped", "starting", "running", "stopping", "backoff", "crash_loop", "blocked"
+    "stopped", "starting", "running", "stopping", "backoff", "crash_loop", "blocked", "node_lost"
 ]
 Action = Literal["none", "launch", "terminate"]
-Status = Literal["stopped", "starting", "running", "unhealthy", "crashed", "blocked"]
-"""The worker `status` of the HTTP contract: a summary of lifecycle and health."""
+Status = Literal["stopped", "starting", "running", "unhealthy", "crashed", "blocked", "node_lost"]
+"""The worker `status` of the HTTP contract: a summary of lifecycle and health.
+
+`node_lost` (lifecycle and status alike) is never the supervisor's: the plane gives it to
+the workers of another node of a cluster while that node is down (docs/cluster.md, "When a
+node fails"); `/v1` routing skips them."""
 
 LIVE: frozenset[Lifecycle] = frozenset({"starting", "running", "stopping"})
 """The states in which the worker has (or is getting) a process."""

@@ -130,6 +130,15 @@ class Plane:
         node = self._by_name.get(worker.node)
         return (node or self.nodes[0]).upstream(worker)
 
+    def hop_failed(self, worker: WorkerState) -> None:
+        """The proxy could not connect to the agent of `worker`'s node: that node asks its
+        agent where it serves now (an agent restarted by Ray may listen on a new port;
+        docs/cluster.md, "When a node fails"). Nothing for this host's workers."""
+        node = self._by_name.get(worker.node)
+        reresolve: Callable[[], None] | None = getattr(node, "reresolve", None)
+        if reresolve is not None:
+            reresolve()
+
     def worker(self, worker_id: str) -> WorkerState:
         """The worker's state in the latest snapshot."""
         for w in self.snapshot.workers:
