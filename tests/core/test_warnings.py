@@ -91,6 +91,24 @@ def test_each_gpu_code() -> None:
     assert codes(snap(gpus=(ours,))) == {}
 
 
+def test_near_full_gpu_ignores_a_vllm_reservation_but_not_what_fills_the_rest() -> None:
+    """vLLM takes 0.9 of the card at start and never grows (docs/vllm.md): that alone is not
+    a nearly full GPU; the rest of the card filling up is."""
+    vllm = worker(id="v", runtime="vllm", port=8000)
+    reserved = GpuProcess(pid=300, used_memory=int(21.6 * GIB), worker="v")
+    alone = gpu(used=int(21.9 * GIB), processes=(reserved,))
+    assert codes(snap((vllm,), (alone,))) == {}
+    # The same memory held by an Ollama worker is nearly full.
+    ollama = worker(id="v", runtime="ollama", port=8000)
+    assert codes(snap((ollama,), (alone,))) == {"near_full_gpu": "GPU-a"}
+    # Beside the reservation, another process fills 2.3 of the 2.4 GiB left: nearly full.
+    other = GpuProcess(pid=400, used_memory=int(2.3 * GIB), worker="w0")
+    crowded = gpu(used=int(23.9 * GIB), processes=(reserved, other))
+    found = evaluate(snap((vllm, worker()), (crowded,)), (), 1.0, Thresholds(90))
+    assert [w.code for w in found] == ["near_full_gpu"]
+    assert "vLLM reserved at start" in found[0].message
+
+
 def test_since_is_kept_while_the_condition_lasts_and_the_warning_clears_after() -> None:
     bad = snap(gpus=(gpu(used=23 * GIB),))
     first = evaluate(bad, (), now=100.0)

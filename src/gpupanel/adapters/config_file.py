@@ -79,7 +79,9 @@ def check_files(config: Config) -> None:
         where = f"{config.source}: worker {spec.id!r}"
         if spec.command:
             _check_command(spec.command[0], where)
-        if spec.model_path is not None:
+        if spec.model_path is not None and spec.runtime == "vllm":
+            _check_model_folder(spec.model_path, where)
+        elif spec.model_path is not None:
             _check_model_path(spec.model_path, where)
 
 
@@ -167,6 +169,17 @@ def _check_command(exe: str, where: str) -> None:
     if not os.access(exe, os.X_OK):
         raise ConfigError(
             f"{field} {_shown(exe)}, which is not executable; `chmod +x` it or fix the path"
+        )
+
+
+def _check_model_folder(model: str, where: str) -> None:
+    """A vLLM worker's `model_path`: a model folder with its config.json (docs/vllm.md)."""
+    config = os.path.join(model, "config.json")
+    if not os.path.isdir(model) or not os.access(config, os.R_OK):
+        raise ConfigError(
+            f"{where}: field 'model_path' is {_shown(model)}, which is not a model folder with "
+            "a readable config.json; a vllm worker serves a Hugging Face model folder "
+            "(safetensors), or give field 'models' a model name instead"
         )
 
 

@@ -405,6 +405,21 @@ class Estimate(_Answer):
     margin: int
     fits: bool | None
     explain: str
+    runtime: str | None = Field(
+        None,
+        description="'vllm' for a vLLM worker, whose memory follows vLLM's rule "
+        "(docs/vllm.md): `total` is what it reserves at start, `num_ctx` its max_model_len; "
+        "the fields below are then set.",
+    )
+    device: str | None = None
+    reserved: int | None = None
+    utilization: float | None = None
+    block_size: int | None = None
+    num_blocks: int | None = None
+    kv_tokens: int | None = Field(None, description="The KV cache's capacity as vLLM logs it.")
+    max_concurrency: float | None = None
+    max_model_len: int | None = None
+    dtype_bytes: int | None = None
 
 
 class EstimateAnswer(_Answer):
@@ -415,7 +430,9 @@ class EstimateAnswer(_Answer):
 class LoadAnswer(_Answer):
     worker: str
     model: str
-    estimate: Estimate
+    estimate: Estimate | None = Field(
+        description="None for a vLLM worker's model, which was loaded at launch."
+    )
     loaded: LoadedModel | None
     load_duration_ms: float
     problems: list[str] = Field(description="What was seen after the load (spill, CPU offload).")

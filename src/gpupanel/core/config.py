@@ -71,6 +71,9 @@ class WorkerSpec:
     alias: str | None = None
     autostart: bool = True
     node: str | None = None
+    gpu_memory_utilization: float | None = None
+    """vLLM only: the share of the card's memory vLLM reserves at start
+    (`--gpu-memory-utilization`; None: vLLM's default 0.9). docs/vllm.md."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +457,11 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
             alias=f.text("alias"),
             autostart=f.flag("autostart", _WORKER_DEFAULTS["autostart"]),
             node=node,
+            gpu_memory_utilization=(
+                f.number("gpu_memory_utilization", 0.9, 0.01, 1.0)
+                if "gpu_memory_utilization" in item
+                else None
+            ),
         )
         for name, field_name in (("CUDA_VISIBLE_DEVICES", "gpu"), ("OLLAMA_HOST", "port")):
             if name in spec.env:
@@ -463,7 +471,15 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
                 )
         if runtime == "llamacpp" and spec.model_path is None:
             raise ConfigError(f"{where}: a llamacpp worker needs field 'model_path' (a .gguf file)")
-        if runtime == "vllm" and not spec.models:
-            raise ConfigError(f"{where}: a vllm worker needs field 'models' (the model it serves)")
+        if runtime == "vllm" and not spec.models and spec.model_path is None:
+            raise ConfigError(
+                f"{where}: a vllm worker needs field 'model_path' (a local model folder) or "
+                "'models' (the one model it serves, e.g. a Hugging Face name)"
+            )
+        if runtime != "vllm" and spec.gpu_memory_utilization is not None:
+            raise ConfigError(
+                f"{where}: field 'gpu_memory_utilization' is for vllm workers only; "
+                f"remove it from this {runtime} worker"
+            )
         workers.append(spec)
     return Config(panel=panel, workers=tuple(workers), source=source, cluster=cluster)

@@ -12,7 +12,7 @@ reports the conditions of its own machinery (its state file: `state_unwritable`,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from gpupanel.core.model import GpuSample
@@ -23,7 +23,15 @@ from gpupanel.core.warning import Severity, Warning
 from gpupanel.core.worker import WorkerState
 
 # Warning and Severity live in gpupanel.core.warning; re-exported for existing importers.
-__all__ = ["Severity", "Thresholds", "Warning", "evaluate", "state_rejected", "state_unwritable"]
+__all__ = [
+    "Severity",
+    "Thresholds",
+    "Warning",
+    "evaluate",
+    "node_down",
+    "state_rejected",
+    "state_unwritable",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,22 +134,27 @@ def _worker_rules(w: WorkerState, snap: Snapshot) -> Iterator[Finding]:
                 )
 
 
-def _gpu_rules(g: GpuSample, t: Thresholds) -> Iterator[Finding]:
+def _gpu_rules(g: GpuSample, t: Thresholds, reserved: int = 0) -> Iterator[Finding]:
+    """`reserved`: what vLLM workers hold on `g`. vLLM takes its share of the card at start
+    and never grows (docs/vllm.md), so near_full_gpu looks at the rest of the card only."""
     name = _gpu_name(g, g.uuid)
     if g.lost:
         yield "gpu_lost", "critical", g.uuid, f"{name} stopped answering the driver"
         return
     total, used = g.memory.total, g.memory.used
-    if total and used is not None and used * 100 >= total * t.near_full_percent:
-        yield (
-            "near_full_gpu",
-            "warning",
-            g.uuid,
-            (
-                f"{name} is {used * 100 / total:.0f} % full ({gib(used)} of {gib(total)}); "
-                "a longer prompt or another load may run out of memory"
-            ),
-        )
+    if total and used is not None:
+        rest, others = total - reserved, used - reserved
+        if rest > 0 and others * 100 >= rest * t.near_full_percent:
+            beside = f" beside {gib(reserved)} that vLLM reserved at start" if reserved else ""
+            yield (
+                "near_full_gpu",
+                "warning",
+                g.uuid,
+                (
+                    f"{name} is {used * 100 / total:.0f} % full ({gib(used)} of {gib(total)}"
+                    f"{beside}); a longer prompt or another load may run out of memory"
+                ),
+            )
     if g.temperature_c is not None and g.temperature_c >= t.hot_c:
         yield (
             "gpu_hot",
@@ -173,6 +186,11 @@ def _gpu_rules(g: GpuSample, t: Thresholds) -> Iterator[Finding]:
                     f"stop it (`POST /panel/processes/{p.pid}/stop` with force) or leave it be"
                 ),
             )
+
+
+def _vllm_reserved(g: GpuSample, vllm_workers: set[str]) -> int:
+    """The memory that vLLM workers' processes hold on `g`."""
+    return sum(p.used_memory or 0 for p in g.processes if p.worker in vllm_workers)
 
 
 def state_unwritable(path: str, error: str, since: float) -> Warning:
@@ -207,6 +225,31 @@ def state_rejected(aside: str, problem: str, since: float) -> Warning:
     )
 
 
+NODE_DOWN = "node_down"
+NODE_SUBJECT = "node:"
+"""A node's warnings are about `node:<its name>`."""
+
+
+def node_down(node: str, host: str, reason: str, workers: Sequence[str], since: float) -> Warning:
+    """Another node of a cluster is down (Ray reports it dead, or its agent does not answer):
+    its workers are `node_lost` until it is back (docs/cluster.md, "When a node fails")."""
+    ids = ", ".join(workers) or "none"
+    return Warning(
+        NODE_DOWN,
+        "critical",
+        NODE_SUBJECT + node,
+        (
+            f"node {node} ({host}) is down: {reason}. Its workers ({ids}) are node_lost; /v1 "
+            "sends their models to workers on other nodes. Bring the node back into the Ray "
+            "cluster (`ray status` shows it; on the node: `ray start --address=<head>:6379`): "
+            "gpupanel re-attaches its agent and this warning clears by itself. To take the "
+            "node out for good, remove its workers from gpupanel.toml and restart `gpupanel "
+            "serve --ray`"
+        ),
+        since,
+    )
+
+
 def evaluate(
     snap: Snapshot, previous: tuple[Warning, ...], now: float, thresholds: Thresholds = Thresholds()
 ) -> tuple[Warning, ...]:
@@ -219,7 +262,15 @@ def evaluate(
             (w.code, w.subject), replace(w, since=seen.get((w.code, w.subject), w.since))
         )
     findings = [f for w in snap.workers for f in _worker_rules(w, snap)]
-    findings += [f for g in snap.gpus for f in _gpu_rules(g, thresholds)]
+    vllm_workers = {w.id for w in snap.workers if w.runtime == "vllm"}
+    # A node that is down raised node_down: its GPUs' own rules (gpu_lost) would only repeat it.
+    down = {w.subject.removeprefix(NODE_SUBJECT) for w in snap.warnings if w.code == NODE_DOWN}
+    findings += [
+        f
+        for g in snap.gpus
+        if g.host not in down
+        for f in _gpu_rules(g, thresholds, _vllm_reserved(g, vllm_workers))
+    ]
     for code, severity, subject, message in findings:
         out.setdefault(
             (code, subject),

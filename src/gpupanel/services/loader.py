@@ -17,11 +17,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gpupanel.adapters.hf_model import HfModelError, read_hf_model
 from gpupanel.adapters.runtimes.ollama import KeepAlive
-from gpupanel.core.estimate import Estimate, effective_num_ctx, estimate
+from gpupanel.adapters.runtimes.vllm import served_model
+from gpupanel.core.config import WorkerSpec
+from gpupanel.core.estimate import Estimate, ShapeError, effective_num_ctx, estimate
 from gpupanel.core.names import same_model
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.units import gib
+from gpupanel.core.vllm_estimate import (
+    DEFAULT_UTILIZATION,
+    VllmEstimate,
+    dtype_bytes,
+    vllm_cpu_estimate,
+    vllm_gpu_estimate,
+)
 from gpupanel.core.worker import WorkerState
 from gpupanel.errors import Conflict, Invalid, NotFound
 from gpupanel.services.node import Node
@@ -81,12 +91,15 @@ class Loader:
         parallel: int | None = None,
         kv_cache_type: str | None = None,
         exclusive: bool = False,
-    ) -> Estimate:
+    ) -> Estimate | VllmEstimate:
         """What loading `model` on `worker_id` would take, against its GPU's free memory.
         For a llama.cpp worker, its configured model (the `model` argument may be omitted):
-        its `-c` is the KV cache of all slots together, so the context counts once."""
+        its `-c` is the KV cache of all slots together, so the context counts once. For a
+        vLLM worker, its configured model by vLLM's own rule (docs/vllm.md)."""
         node = self.node_of(worker_id)
         spec = node.spec(worker_id)
+        if spec.runtime == "vllm":
+            return self._vllm_estimate(spec, num_ctx)
         if kv_cache_type is not None and kv_cache_type not in KV_TYPES:
             raise Invalid(
                 f"kv_cache_type must be one of {', '.join(KV_TYPES)}, got {kv_cache_type!r}"
@@ -126,11 +139,63 @@ class Loader:
             )
         return estimate(model, found.shape, found.size, ctx, slots, kv_type, free, self.margin)
 
+    def _vllm_estimate(self, spec: WorkerSpec, max_model_len: int | None) -> VllmEstimate:
+        """vLLM's reservation and KV cache for `spec`'s model folder: the CPU build's rule
+        when the worker sets VLLM_CPU_KVCACHE_SPACE, else the GPU rule on its card. Memory
+        that the worker's own processes hold counts as free (it is that reservation)."""
+        if not spec.model_path:
+            raise Invalid(
+                f"worker {spec.id}: cannot estimate a vLLM worker without field 'model_path' "
+                "(a local model folder with config.json)"
+            )
+        try:
+            found = read_hf_model(spec.model_path)
+            element = dtype_bytes(_arg(spec.args, "--dtype"), found.dtype)
+        except (HfModelError, ShapeError) as exc:
+            raise Invalid(f"worker {spec.id}: cannot estimate: {exc}") from None
+        name = served_model(spec)
+        length = max_model_len or spec.context or found.shape.context_length
+        snap = self.snapshot()
+        gpu = snap.gpu(spec.gpu)
+        free = None
+        if gpu is not None and gpu.memory.free is not None:
+            own = sum(p.used_memory or 0 for p in gpu.processes if p.worker == spec.id)
+            free = gpu.memory.free + own
+        space = spec.env.get("VLLM_CPU_KVCACHE_SPACE", "").strip()
+        if space:
+            if not space.isdigit():
+                raise Invalid(
+                    f"worker {spec.id}: env VLLM_CPU_KVCACHE_SPACE must be whole GiB, got {space!r}"
+                )
+            return vllm_cpu_estimate(
+                name, found.shape, found.weights, int(space), length, element, margin=self.margin
+            )
+        total = gpu.memory.total if gpu and gpu.memory.total else 0
+        if not total:
+            raise Invalid(f"worker {spec.id}: cannot estimate: GPU {spec.gpu} reports no memory")
+        return vllm_gpu_estimate(
+            name,
+            found.shape,
+            found.weights,
+            total,
+            length,
+            spec.gpu_memory_utilization or DEFAULT_UTILIZATION,
+            element,
+            free=free,
+            margin=self.margin,
+        )
+
     async def load(self, worker_id: str, req: LoadRequest) -> dict[str, Any]:
-        """Guarded load; returns the estimate, what got loaded, and any problems seen after."""
+        """Guarded load; returns the estimate, what got loaded, and any problems seen after.
+        A vLLM worker serves one model fixed at launch: loading that one is a no-op, any
+        other is refused (docs/vllm.md)."""
         node = self.node_of(worker_id)
-        gpu_uuid = node.spec(worker_id).gpu
+        spec = node.spec(worker_id)
+        gpu_uuid = spec.gpu
+        if spec.runtime == "vllm":
+            return self._vllm_load(spec, req)
         plan = await self.estimate(worker_id, req.model, req.num_ctx, exclusive=req.exclusive)
+        assert isinstance(plan, Estimate)  # only vLLM workers get a VllmEstimate
         if plan.fits is False:
             if not req.force:
                 raise Conflict(
@@ -179,8 +244,34 @@ class Loader:
             "forced": req.force and plan.fits is False,
         }
 
+    def _vllm_load(self, spec: WorkerSpec, req: LoadRequest) -> dict[str, Any]:
+        served = served_model(spec)
+        if not same_model(req.model, served):
+            raise Conflict(
+                f"worker {spec.id} runs vLLM, which serves one model fixed at launch "
+                f"({served}) and cannot load {req.model}. Configure another vllm worker for "
+                f"it, or change this worker's model_path in the config and restart it"
+            )
+        state = self._state(self.snapshot(), spec.id)
+        loaded = next((m for m in state.models_loaded if same_model(m.name, served)), None)
+        return {
+            "worker": spec.id,
+            "model": served,
+            "estimate": None,
+            "loaded": asdict(loaded) if loaded else None,
+            "load_duration_ms": 0.0,
+            "problems": [] if loaded else [f"worker {spec.id} is {state.status}: start it"],
+            "forced": False,
+        }
+
     async def unload(self, worker_id: str, model: str) -> dict[str, Any]:
-        """Drop `model` from the worker's memory now."""
+        """Drop `model` from the worker's memory now (vLLM cannot: refused, with the fix)."""
+        spec = self.node_of(worker_id).spec(worker_id)
+        if spec.runtime == "vllm":
+            raise Conflict(
+                f"worker {worker_id} runs vLLM, which cannot unload its model without stopping: "
+                f"stop the worker (POST /panel/workers/{worker_id}/stop) to free its memory"
+            )
         await self.node_of(worker_id).unload(worker_id, model)
         await self.refresh()
         return {"worker": worker_id, "model": model, "unloaded": True}
@@ -193,6 +284,25 @@ class Loader:
         await self.refresh()
 
 
-def estimate_json(e: Estimate) -> dict[str, Any]:
-    """The estimate with its derived figures (total, fits)."""
-    return {**asdict(e), "total": e.total, "fits": e.fits, "explain": e.explain()}
+def _arg(args: tuple[str, ...], flag: str) -> str | None:
+    """The value of `flag` in a worker's extra `args` (`--flag value` or `--flag=value`)."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def estimate_json(e: Estimate | VllmEstimate) -> dict[str, Any]:
+    """The estimate with its derived figures (total, fits); a vLLM worker's also with the
+    fields every estimate has (`num_ctx` is its max_model_len, one KV cache for all)."""
+    fields = asdict(e)
+    if isinstance(e, VllmEstimate):
+        fields |= {
+            "runtime": "vllm",
+            "num_ctx": e.max_model_len,
+            "parallel": 1,
+            "kv_cache_type": f"{e.dtype_bytes * 8}-bit (the model's dtype)",
+        }
+    return {**fields, "total": e.total, "fits": e.fits, "explain": e.explain()}

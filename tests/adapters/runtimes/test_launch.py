@@ -130,8 +130,27 @@ def test_vllm_launch() -> None:
     launch = VllmRuntime().launch(spec)
     assert launch.argv == (
         "vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct", "--host", "127.0.0.1", "--port", "8000",
+        "--served-model-name", "Qwen/Qwen2.5-0.5B-Instruct",
     )  # fmt: skip
     assert launch.env == PIN
+
+
+def test_vllm_model_path_context_and_memory_share() -> None:
+    spec = spec_for(
+        "vllm",
+        8001,
+        model_path="/models/SmolLM2-135M-Instruct/",
+        context=2048,
+        gpu_memory_utilization=0.45,
+        command=("/opt/venv-vllm/bin/vllm",),
+    )
+    launch = VllmRuntime().launch(spec)
+    assert launch.argv == (
+        "/opt/venv-vllm/bin/vllm", "serve", "/models/SmolLM2-135M-Instruct/",
+        "--host", "127.0.0.1", "--port", "8001", "--max-model-len", "2048",
+        "--gpu-memory-utilization", "0.45", "--served-model-name", "SmolLM2-135M-Instruct",
+    )  # fmt: skip
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == GPU
 
 
 def test_vllm_context_alias_and_args() -> None:
@@ -149,11 +168,12 @@ def test_vllm_context_alias_and_args() -> None:
         "--max-model-len", "4096", "--served-model-name", "qwen",
         "--gpu-memory-utilization", "0.5",
     )  # fmt: skip
+    assert "serve" in launch.argv and launch.argv[2] == "Qwen/Qwen2.5-0.5B-Instruct"
     assert launch.env == {**PIN, "VLLM_LOGGING_LEVEL": "DEBUG"}
 
 
 def test_vllm_needs_a_model() -> None:
-    with pytest.raises(ConfigError, match="'models'"):
+    with pytest.raises(ConfigError, match=r"'model_path'.*'models'"):
         VllmRuntime().launch(spec_for("vllm", 8000))
 
 
