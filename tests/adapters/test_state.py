@@ -19,6 +19,7 @@ from gpupanel.adapters.state import (
     default_state_dir,
     spec_from_record,
 )
+from gpupanel.core.config import WorkerSpec
 from gpupanel.errors import StateError
 
 
@@ -197,6 +198,16 @@ def test_spec_from_record_validates_like_a_configured_worker() -> None:
     assert spec_from_record(_spec(port=1)).port == 1  # never clashes with the panel port
     with pytest.raises(ValueError, match="field 'env'"):
         spec_from_record({**_spec(), "env": {"CUDA_VISIBLE_DEVICES": "GPU-b"}})
+
+
+def test_every_worker_field_of_a_spec_round_trips_through_a_record() -> None:
+    # A spec as the supervisor records it (dataclasses.asdict: unset fields are None).
+    ollama = WorkerSpec(id="o", runtime="ollama", gpu="GPU-a", port=11435)
+    vllm = WorkerSpec(
+        id="v", runtime="vllm", gpu="GPU-a", port=8000, models=("m",), gpu_memory_utilization=0.5
+    )
+    for spec in (ollama, vllm):
+        assert spec_from_record(json.loads(json.dumps(dataclasses.asdict(spec)))) == spec
 
 
 def test_an_unwritable_directory_is_one_clear_error(tmp_path: Path) -> None:

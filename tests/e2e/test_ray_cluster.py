@@ -377,9 +377,10 @@ def _remote_traffic(serve: Serve, agent_http: httpx.Client, auth: dict[str, str]
     body = {"model": REMOTE_MODEL, "messages": messages, "stream": True, "max_tokens": 200}
     with serve.http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["x-gpupanel-worker"] == "b1"
-        for part in r.iter_raw():
-            assert part.startswith(b"data: ")
-            break
+        # Keep the iterator: a generator left by `break` is closed at once, and with it the
+        # connection (that would be the hang-up, before the registries are read).
+        parts = r.iter_raw()
+        assert next(parts).startswith(b"data: ")
         live = serve.http.get("/panel/requests").json()["requests"]
         there = agent_http.get("/panel/requests", headers=auth).json()["requests"]
         assert (len(live), len(there)) == (1, 1), (live, there, serve.text()[-3000:])

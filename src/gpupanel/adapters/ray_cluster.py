@@ -11,10 +11,11 @@ same kind (`core/cluster.error_from_wire`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import ray
@@ -178,40 +179,38 @@ class Agent:
         except AttributeError:  # pragma: no cover (Ray's private attribute moved)
             return agent_name(self.node_id)
 
-    async def call(self, method: str, *args: Any, timeout: float) -> Any:
-        """`method(*args)` on the agent, awaited on this loop for at most `timeout` s."""
+    @contextlib.contextmanager
+    def _translated(self, method: str, timeout: float, silent: str) -> Iterator[None]:
+        """Ray's exceptions of a call to the agent as gpupanel's (`silent`: what a timeout
+        means, e.g. "did not answer")."""
         try:
-            ref = getattr(self.handle, method).remote(*args)
-            answer = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
-        except asyncio.TimeoutError:
+            yield
+        except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
             raise Unavailable(
-                f"the gpupanel agent of node {self.node!r} did not answer {method} within "
+                f"the gpupanel agent of node {self.node!r} {silent} {method} within "
                 f"{timeout:g} s; check that the node is up (`ray status`)"
             ) from None
         except ray.exceptions.RayTaskError as exc:
             raise self._failed(exc, method) from None
         except ray.exceptions.RayError as exc:
             raise self._unavailable(exc, method) from None
+
+    async def call(self, method: str, *args: Any, timeout: float) -> Any:
+        """`method(*args)` on the agent, awaited on this loop for at most `timeout` s."""
+        with self._translated(method, timeout, "did not answer"):
+            ref = getattr(self.handle, method).remote(*args)
+            answer = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
         return self._unwrap(answer, method)
 
     def call_sync(self, method: str, *args: Any, timeout: float) -> Any:
         """`call` for code that runs before the loop (building the plane)."""
-        try:
+        with self._translated(method, timeout, "did not answer"):
             answer = ray.get(getattr(self.handle, method).remote(*args), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise Unavailable(
-                f"the gpupanel agent of node {self.node!r} did not answer {method} within "
-                f"{timeout:g} s; check that the node is up (`ray status`)"
-            ) from None
-        except ray.exceptions.RayTaskError as exc:
-            raise self._failed(exc, method) from None
-        except ray.exceptions.RayError as exc:
-            raise self._unavailable(exc, method) from None
         return self._unwrap(answer, method)
 
     async def stream(self, method: str, *args: Any, timeout: float) -> AsyncIterator[Any]:
         """The items of the agent's generator `method(*args)`, each within `timeout` s."""
-        try:
+        with self._translated(method, timeout, "sent nothing for"):
             refs = getattr(self.handle, method).options(num_returns="streaming").remote(*args)
             while True:
                 try:
@@ -220,15 +219,6 @@ class Agent:
                     return
                 answer = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
                 yield self._unwrap(answer, method)
-        except asyncio.TimeoutError:
-            raise Unavailable(
-                f"the gpupanel agent of node {self.node!r} sent nothing for {method} within "
-                f"{timeout:g} s"
-            ) from None
-        except ray.exceptions.RayTaskError as exc:
-            raise self._failed(exc, method) from None
-        except ray.exceptions.RayError as exc:
-            raise self._unavailable(exc, method) from None
 
     def kill(self) -> None:
         """End the actor for good (no restart); its workers keep running."""

@@ -459,7 +459,7 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
             node=node,
             gpu_memory_utilization=(
                 f.number("gpu_memory_utilization", 0.9, 0.01, 1.0)
-                if "gpu_memory_utilization" in item
+                if item.get("gpu_memory_utilization") is not None
                 else None
             ),
         )

@@ -283,11 +283,11 @@ class RemoteNode:
 
     async def _resolve(self) -> None:
         try:
-            info: dict[str, Any] = await self.agent.call("info", timeout=QUICK_TIMEOUT_S)
+            info: Any = await self.agent.call("info", timeout=QUICK_TIMEOUT_S)
         except GpuPanelError as exc:
             log.info("node %s: could not ask its agent's address: %s", self.name, exc)
             return
-        url = info.get("url")
+        url = info.get("url") if isinstance(info, dict) else None
         if isinstance(url, str) and url != self.url:
             self._moved(url)
 
