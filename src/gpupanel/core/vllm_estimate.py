@@ -172,27 +172,11 @@ def vllm_gpu_estimate(
     """vLLM on a GPU of `card_total` bytes: `ceil(card_total x utilization)` reserved, the
     KV cache what is left after `weights` and `overhead`."""
     reserved = math.ceil(card_total * utilization)  # as vLLM's request_memory
-    per_token = kv_bytes_per_token(shape, element_bytes)
     kv = max(0, reserved - weights - overhead)
-    cap = kv_capacity(kv, per_token, block_size, max_model_len)
-    return VllmEstimate(
-        model=model,
-        device="gpu",
-        max_model_len=max_model_len,
-        dtype_bytes=element_bytes,
-        block_size=block_size,
-        weights=weights,
-        overhead=overhead,
-        reserved=reserved,
-        kv_cache=kv,
-        kv_bytes_per_token=per_token,
-        num_blocks=cap.num_blocks,
-        kv_tokens=cap.tokens,
-        max_concurrency=cap.max_concurrency,
-        utilization=utilization,
-        free=free,
-        margin=margin,
-    )
+    return _estimate(
+        model, "gpu", shape, weights, overhead, reserved, kv, max_model_len, element_bytes,
+        block_size, utilization, free, margin,
+    )  # fmt: skip
 
 
 def vllm_cpu_estimate(
@@ -210,22 +194,45 @@ def vllm_cpu_estimate(
     """vLLM's CPU build with `VLLM_CPU_KVCACHE_SPACE=kv_cache_space_gib`: exactly that much
     KV cache, beside the weights."""
     kv = kv_cache_space_gib * GIB
+    return _estimate(
+        model, "cpu", shape, weights, overhead, weights + kv + overhead, kv, max_model_len,
+        element_bytes, block_size, None, free, margin,
+    )  # fmt: skip
+
+
+def _estimate(
+    model: str,
+    device: str,
+    shape: ModelShape,
+    weights: int,
+    overhead: int,
+    reserved: int,
+    kv: int,
+    max_model_len: int,
+    element_bytes: int,
+    block_size: int,
+    utilization: float | None,
+    free: int | None,
+    margin: int,
+) -> VllmEstimate:
+    """The estimate of a KV cache of `kv` bytes, counted in blocks as vLLM does."""
     per_token = kv_bytes_per_token(shape, element_bytes)
     cap = kv_capacity(kv, per_token, block_size, max_model_len)
     return VllmEstimate(
         model=model,
-        device="cpu",
+        device=device,
         max_model_len=max_model_len,
         dtype_bytes=element_bytes,
         block_size=block_size,
         weights=weights,
         overhead=overhead,
-        reserved=weights + kv + overhead,
+        reserved=reserved,
         kv_cache=kv,
         kv_bytes_per_token=per_token,
         num_blocks=cap.num_blocks,
         kv_tokens=cap.tokens,
         max_concurrency=cap.max_concurrency,
+        utilization=utilization,
         free=free,
         margin=margin,
     )
