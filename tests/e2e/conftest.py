@@ -79,6 +79,16 @@ class Panel:
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.http.post(path, **kwargs)
 
+    def settled(self) -> None:
+        """Wait until no request is in flight. A client can have its whole answer (the openai
+        client stops at `data: [DONE]`) a moment before the proxy sees the request end and
+        counts it in metrics and usage, so counts are read only once the registry is empty."""
+        wait_for(
+            lambda: self.http.get("/panel/requests").json()["requests"] == [],
+            10,
+            "the in-flight registry to empty",
+        )
+
 
 def serve(directory: Path, env: dict[str, str], toml: str) -> Panel:
     """Write `toml` (dedented) as `directory`/gpupanel.toml and start `gpupanel serve` on it."""

@@ -25,7 +25,9 @@ HI = [{"role": "user", "content": "Say hello."}]
 
 
 def counter(panel: Panel, name: str, **labels: str) -> float:
-    """The sum of the samples `name` whose labels include `labels` (0 when there are none)."""
+    """The sum of the samples `name` whose labels include `labels` (0 when there are none),
+    once every request has ended."""
+    panel.settled()
     r = panel.http.get("/metrics")
     assert r.status_code == 200, r.text
     return sum(

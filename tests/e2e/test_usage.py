@@ -65,6 +65,7 @@ def chat(panel: Panel, app: str, n: int, stream: bool = False) -> None:
             )
             assert answer.usage is not None and answer.usage.completion_tokens == 5
     client.close()
+    panel.settled()
 
 
 def test_usage_survives_a_restart_of_serve(
