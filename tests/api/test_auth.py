@@ -278,6 +278,20 @@ async def test_panel_rules(k: Keyed) -> None:
     assert r.status_code == 200 and k.rig.node.called("stop") == [("a",)]
 
 
+async def test_every_apps_traffic_is_for_the_admin_token_only(k: Keyed) -> None:
+    """`/metrics` and `/panel/usage` show what every app sent: an API key reads neither."""
+    secret = k.key("team-a")
+    for path in ("/metrics", "/panel/usage"):
+        r = await k.client.get(path)
+        assert r.status_code == 401 and "admin token" in r.json()["error"]["message"], path
+        r = await k.client.get(path, headers=bearer(secret))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only", path
+    assert (await k.client.get("/metrics", headers=bearer(k.token))).status_code == 200
+    usage = await k.client.get("/panel/usage", headers=bearer(k.token))
+    # past the gate: this rig's plane keeps no usage history
+    assert usage.status_code == 503 and usage.json()["error"]["code"] == "usage_off"
+
+
 async def test_only_the_admin_registers_an_app_even_under_a_key_name(k: Keyed) -> None:
     """A key cannot register (or take over) any app, its own name included; the admin can,
     and a key's /v1 routing then stays within both the key's and the app's workers."""

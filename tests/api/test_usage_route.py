@@ -141,3 +141,8 @@ async def test_a_history_kept_in_memory_says_why(rig: Rig, tmp_path: Path) -> No
     body = (await rig.client.get("/panel/usage")).json()
     assert body["persistent"] is False and "usage.sqlite3" in body["problem"]
     assert body["rows"][0]["requests"] == 1
+    await rig.plane.refresh()
+    warnings = (await rig.client.get("/panel/warnings")).json()["warnings"]
+    assert [w["subject"] for w in warnings if w["code"] == "usage_unwritable"] == [
+        str(blocked / "usage.sqlite3")
+    ]

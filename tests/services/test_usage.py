@@ -246,11 +246,14 @@ def test_an_unwritable_state_directory_keeps_counts_in_memory_and_retries(
         report = usage.query(day())
         assert report.total.requests == 2 and not report.persistent
         assert report.problem is not None and str(blocked / USAGE_FILE) in report.problem
+        (warning,) = usage.warnings()  # on the snapshot too, with the fix
+        assert (warning.code, warning.subject) == ("usage_unwritable", str(blocked / USAGE_FILE))
+        assert report.problem in warning.message and "writable" in warning.message
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "kept in memory" in warnings[0].getMessage()
         blocked.unlink()  # fixed: the directory can be made now
         assert usage.flush()
-    assert usage.persistent and usage.problem is None
+    assert usage.persistent and usage.problem is None and usage.warnings() == ()
     assert "written again" in caplog.text
     usage.close()
     assert read_file(blocked / USAGE_FILE, day(), 90).total.requests == 2

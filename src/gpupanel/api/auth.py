@@ -11,7 +11,7 @@ sends from its `api_key`, and what the `ollama` client sends with
 | proxy: `/v1/...`, `/proxy/...` | 401 | yes (its scopes: api/proxy.py) | yes |
 | `/panel` reads (GET, HEAD, OPTIONS) | 401 | yes (403 when reads need the admin token) | yes |
 | `/panel` writes (any other method) | 401 | 403 | yes |
-| `GET /metrics` (docs/metrics.md) | 401 | 403 | yes |
+| `GET /metrics` (docs/metrics.md), `GET /panel/usage` | 401 | 403 | yes |
 | `GET /panel/health`, `/panel/docs`, `/panel/openapi.json`, `/panel/static/...` | yes | yes | yes |
 
 Whatever the source address: once keys are on, loopback is not trusted. A token that is
@@ -43,7 +43,7 @@ ADMIN = Caller("admin", "admin")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/panel/health", "/panel/docs", "/panel/openapi.json"})
 OPEN_PREFIX = "/panel/static/"
-ADMIN_PATHS = frozenset({"/metrics"})
+ADMIN_PATHS = frozenset({"/metrics", "/panel/usage"})
 """Reads that need the admin token, like a /panel write: what every app sent, per app."""
 CHALLENGE = b'Bearer realm="gpupanel"'
 

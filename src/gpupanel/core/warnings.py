@@ -209,6 +209,22 @@ def state_unwritable(path: str, error: str, since: float) -> Warning:
     )
 
 
+def usage_unwritable(path: str, error: str, since: float) -> Warning:
+    """The control plane cannot write its usage history; it counts in memory meanwhile."""
+    return Warning(
+        "usage_unwritable",
+        "warning",
+        path,
+        (
+            f"gpupanel cannot write its usage history ({error}); requests are counted in "
+            "memory, and what was counted since is lost if the control plane stops before "
+            "the file can be written. Make the state directory writable again (permissions, "
+            "free space): the counts are written at the next flush and this warning clears"
+        ),
+        since,
+    )
+
+
 def state_rejected(aside: str, problem: str, since: float) -> Warning:
     """Records of the state file (or the whole file) could not be trusted and were set aside
     in `aside`; `problem` says which and why."""

@@ -163,7 +163,11 @@ class Plane:
             for w in raw.workers
         )
         snap = replace(
-            raw, workers=workers, requests=self.traffic.requests(), apps=self.traffic.app_infos()
+            raw,
+            workers=workers,
+            requests=self.traffic.requests(),
+            apps=self.traffic.app_infos(),
+            warnings=raw.warnings + (() if self.usage is None else self.usage.warnings()),
         )
         warnings = evaluate(snap, self.snapshot.warnings, raw.time, self.thresholds)
         return replace(snap, warnings=warnings)

@@ -36,6 +36,8 @@ from gpupanel.core.usage import (
     in_period,
     key_of,
 )
+from gpupanel.core.warning import Warning
+from gpupanel.core.warnings import usage_unwritable
 from gpupanel.errors import StateError
 
 log = logging.getLogger("gpupanel.usage")
@@ -60,6 +62,8 @@ class UsageLog:
         self.db = UsageDb(directory / USAGE_FILE) if directory is not None else None
         self.problem: str | None = None
         """Why the counts are not being written now (None while all is well)."""
+        self.problem_since: float | None = None
+        """When `problem` began (clock time)."""
         self._pending: dict[Bucket, Counts] = {}
         self._memory: dict[Bucket, Counts] = {}  # in-memory history (no file, or none yet)
         self._pruned: int | None = None  # the retention's cut at the last write
@@ -69,6 +73,13 @@ class UsageLog:
     @property
     def path(self) -> Path | None:
         return None if self.db is None else self.db.path
+
+    def warnings(self) -> tuple[Warning, ...]:
+        """`usage_unwritable` while the counts cannot be written (for the snapshot)."""
+        if self.problem is None or self.path is None:
+            return ()
+        since = self.clock() if self.problem_since is None else self.problem_since
+        return (usage_unwritable(str(self.path), self.problem, since),)
 
     @property
     def persistent(self) -> bool:
@@ -197,12 +208,13 @@ class UsageLog:
     def _failed(self, exc: StateError) -> None:
         if self.problem is None:
             log.warning("%s; usage history is kept in memory until it can be written", exc)
+            self.problem_since = self.clock()
         self.problem = str(exc)
 
     def _recovered(self) -> None:
         if self.problem is not None:
             log.info("usage history %s written again", self.path)
-            self.problem = None
+            self.problem = self.problem_since = None
 
 
 def _merged(a: dict[Bucket, Counts], b: dict[Bucket, Counts]) -> dict[Bucket, Counts]:
