@@ -452,6 +452,25 @@ def _names_arg(text: str | None, what: str) -> list[str] | None:
     return names
 
 
+def _check_configured(workers: list[str] | None, config_file: str | None) -> None:
+    """A key's workers must be workers of the config's `[[workers]]` (when it has them:
+    without, the workers depend on the GPUs found). A typo would make a key that can use
+    nothing."""
+    from gpupanel.adapters.config_file import find_config
+    from gpupanel.client import local_config
+
+    listed = local_config(config_file, strict=True).get("workers")
+    if workers is None or not isinstance(listed, list):
+        return
+    known = [w["id"] for w in listed if isinstance(w, dict) and isinstance(w.get("id"), str)]
+    unknown = [w for w in workers if w not in known]
+    if unknown:
+        raise GpuPanelError(
+            f"--workers: no worker {unknown[0]!r} in {find_config(config_file)} (its workers: "
+            f"{', '.join(known) or 'none'}); check the name, or add the worker there first"
+        )
+
+
 def _keys_panel(config_file: str | None) -> tuple[PanelSettings, Path]:
     """The `[panel]` settings of the config `gpupanel serve` would read here (validated),
     and the state directory they name: where the keys live."""
@@ -551,6 +570,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
     expires = None if args.expires is None else now + parse_expiry(args.expires)
     workers, models = _names_arg(args.workers, "workers"), _names_arg(args.models, "models")
+    _check_configured(workers, args.config)
     scope = {
         "workers": workers,
         "models": models,

@@ -63,10 +63,10 @@ class PanelError(GpuPanelError):
 # ---- where the control plane of this host keeps its state, and its credentials ------------
 
 
-def local_panel_settings(config_file: str | None = None, strict: bool = False) -> dict[str, Any]:
-    """The `[panel]` table of the config `gpupanel serve` would read here (`config_file`,
-    `$GPUPANEL_CONFIG`, `./gpupanel.toml`), as written, unvalidated; {} without one. A file
-    that cannot be read or parsed is a ConfigError with `strict`, else counts as none."""
+def local_config(config_file: str | None = None, strict: bool = False) -> dict[str, Any]:
+    """The config `gpupanel serve` would read here (`config_file`, `$GPUPANEL_CONFIG`,
+    `./gpupanel.toml`), as written, unvalidated; {} without one. A file that cannot be read
+    or parsed is a ConfigError with `strict`, else counts as none."""
     from gpupanel.adapters.config_file import find_config
 
     if sys.version_info >= (3, 11):
@@ -79,7 +79,7 @@ def local_panel_settings(config_file: str | None = None, strict: bool = False) -
         if path is None:
             return {}
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            return tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except ValueError as exc:  # not UTF-8, or not TOML
@@ -88,7 +88,11 @@ def local_panel_settings(config_file: str | None = None, strict: bool = False) -
         if strict:
             raise
         return {}
-    panel = data.get("panel")
+
+
+def local_panel_settings(config_file: str | None = None, strict: bool = False) -> dict[str, Any]:
+    """The `[panel]` table of `local_config`, as written, unvalidated; {} without one."""
+    panel = local_config(config_file, strict).get("panel")
     return panel if isinstance(panel, dict) else {}
 
 

@@ -296,3 +296,25 @@ def test_keys_commands_refuse_a_bad_config(
     config.write_text('[panel]\nauth = "maybe"\n')
     assert main(["keys", "list", "--config", str(config)]) == 1
     assert "auth" in capsys.readouterr().err
+
+
+def test_keys_create_refuses_workers_the_config_does_not_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpupanel.cli import main
+
+    state = tmp_path / "state"
+    config = tmp_path / "gpupanel.toml"
+    config.write_text(
+        f'[panel]\nstate_dir = "{state}"\n\n'
+        '[[workers]]\nid = "a"\ngpu = 0\n\n[[workers]]\nid = "b"\ngpu = 1\n'
+    )
+    monkeypatch.delenv("GPUPANEL_CONFIG", raising=False)
+    args = ["--config", str(config)]
+    assert main(["keys", "create", "team-a", "--workers", "a,bb", *args]) == 1
+    err = capsys.readouterr().err
+    assert "--workers: no worker 'bb'" in err and str(config) in err and "a, b" in err
+    assert KeyStore(state).read() == []  # nothing made
+    assert main(["keys", "create", "team-a", "--workers", "b", *args]) == 0
+    (key,) = KeyStore(state).read()
+    assert key.workers == ("b",)
