@@ -98,6 +98,32 @@ def test_vllm_worker_fields() -> None:
         parse_config({"workers": [ollama]}, "f.toml", GPUS)
 
 
+@pytest.mark.parametrize(
+    ("runtime", "arg", "named"),
+    [
+        ("llamacpp", "--host", "binds every worker to 127.0.0.1"),
+        ("llamacpp", "--host=0.0.0.0", "binds every worker to 127.0.0.1"),
+        ("vllm", "--host", "binds every worker to 127.0.0.1"),
+        ("llamacpp", "--port", "from field 'port'"),
+        ("llamacpp", "-c", "from field 'context'"),
+        ("llamacpp", "--alias=x", "from field 'alias'"),
+        ("vllm", "--max-model-len=4096", "from field 'context'"),
+        ("vllm", "--gpu-memory-utilization", "from field 'gpu_memory_utilization'"),
+    ],
+)
+def test_args_may_not_set_what_gpupanel_sets(runtime: str, arg: str, named: str) -> None:
+    """A worker's `args` come after gpupanel's, so they would win: `--host 0.0.0.0` would
+    take the worker past the proxy and its keys; `-c` past the guard's estimate."""
+    worker = {"id": "w", "runtime": runtime, "gpu": 0, "port": 8000, "model_path": "/m"}
+    with pytest.raises(ConfigError, match=f"worker 'w': field 'args' must not set .*{named}"):
+        parse_config({"workers": [{**worker, "args": ["-t", "2", arg, "9"]}]}, "f", GPUS)
+    ok = {**worker, "args": ["-t", "2", "-ngl", "20", "--dtype", "float32"]}
+    assert parse_config({"workers": [ok]}, "f", GPUS).workers[0].args[-1] == "float32"
+    ollama = {**worker, "runtime": "ollama", "model_path": None, "args": [arg]}
+    del ollama["model_path"]
+    assert parse_config({"workers": [ollama]}, "f", GPUS).workers[0].args == (arg,)
+
+
 def test_environment_names() -> None:
     names = [v for k, v in vars(defaults).items() if k.endswith("_ENV")]
     assert len(names) == len(set(names))

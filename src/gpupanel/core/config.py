@@ -234,6 +234,41 @@ def _show_id(wid: str) -> str:
     return repr(wid) if len(wid) <= 40 else f"{wid[:32]!r}... ({len(wid)} characters)"
 
 
+_FLAGS_FROM_FIELDS: dict[str, dict[str, str | None]] = {
+    "llamacpp": {
+        "--host": None, "--port": "port", "-m": "model_path", "--model": "model_path",
+        "-c": "context", "--ctx-size": "context", "-np": "parallel", "--parallel": "parallel",
+        "-a": "alias", "--alias": "alias",
+    },
+    "vllm": {
+        "--host": None, "--port": "port", "--max-model-len": "context",
+        "--gpu-memory-utilization": "gpu_memory_utilization", "--served-model-name": "alias",
+    },
+}  # fmt: skip
+"""The options gpupanel passes a runtime from a worker's fields (None: from nothing, the
+loopback address): set again in `args`, they would win and the worker would not be what
+gpupanel estimates, reaches and shows."""
+
+
+def _check_args(spec: WorkerSpec, where: str) -> None:
+    flags = _FLAGS_FROM_FIELDS.get(spec.runtime, {})
+    for arg in spec.args:
+        field = flags.get(arg.split("=", 1)[0], "")
+        if field == "":
+            continue
+        flag = arg.split("=", 1)[0]
+        if field is None:
+            raise ConfigError(
+                f"{where}: field 'args' must not set {flag}: gpupanel binds every worker to "
+                "127.0.0.1 so it is reached only through gpupanel's proxy (and its keys); to "
+                "serve other hosts, set [panel] host (docs/security.md)"
+            )
+        raise ConfigError(
+            f"{where}: field 'args' must not set {flag}: gpupanel sets it from field "
+            f"{field!r}; set that field instead"
+        )
+
+
 def _check_id(wid: Any, where: str) -> str:
     if wid is None:
         raise ConfigError(f"{where}: missing field 'id' (e.g. id = \"gpu0\")")
@@ -469,6 +504,7 @@ def parse_config(data: Mapping[str, Any], source: str, gpus: Sequence[str]) -> C
                     f"{where}: field 'env' must not set {name}: gpupanel sets it from field "
                     f"{field_name!r} so the worker stays pinned and reachable"
                 )
+        _check_args(spec, where)
         if runtime == "llamacpp" and spec.model_path is None:
             raise ConfigError(f"{where}: a llamacpp worker needs field 'model_path' (a .gguf file)")
         if runtime == "vllm" and not spec.models and spec.model_path is None:
