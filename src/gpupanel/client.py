@@ -79,7 +79,8 @@ def local_config(config_file: str | None = None, strict: bool = False) -> dict[s
         if path is None:
             return {}
         try:
-            return tomllib.loads(path.read_text(encoding="utf-8"))
+            data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+            return data
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except ValueError as exc:  # not UTF-8, or not TOML
