@@ -3,7 +3,8 @@ simulated Ollama worker, talked to over raw sockets (docs/api.md, "Limits of eve
 connection" and "Stopping").
 
 The timeouts are shortened for the tests through the environment
-(`$GPUPANEL_IDLE_TIMEOUT_S`, `$GPUPANEL_HEADER_TIMEOUT_S`, `$GPUPANEL_SHUTDOWN_GRACE_S`). The
+(`$GPUPANEL_IDLE_TIMEOUT_S`, `$GPUPANEL_HEADER_TIMEOUT_S`, `$GPUPANEL_BODY_TIMEOUT_S`,
+`$GPUPANEL_SHUTDOWN_GRACE_S`). The
 only timed assertions are the bounds the limits promise: idle and slow connections closed
 within their timeout plus a margin, and the process gone within 5 s of SIGTERM.
 """
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 IDLE_S = 1.0
 HEADER_S = 1.0
+BODY_S = 1.0
 MARGIN_S = 3.0
 """Slack for a loaded 2-core machine on top of a timeout (the limit itself is IDLE_S)."""
 TICK_S = 0.01
@@ -95,7 +97,10 @@ def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
     """One control plane for the limit tests, with short idle and header timeouts."""
     root = tmp_path_factory.mktemp("limits")
     with running(
-        root, GPUPANEL_IDLE_TIMEOUT_S=str(IDLE_S), GPUPANEL_HEADER_TIMEOUT_S=str(HEADER_S)
+        root,
+        GPUPANEL_IDLE_TIMEOUT_S=str(IDLE_S),
+        GPUPANEL_HEADER_TIMEOUT_S=str(HEADER_S),
+        GPUPANEL_BODY_TIMEOUT_S=str(BODY_S),
     ) as p:
         yield p
 
@@ -211,6 +216,51 @@ def test_50_clients_dribbling_headers_get_408_after_the_header_timeout(panel: Pa
         for s in socks:
             s.close()
     answers(panel)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/proxy/w0/api/generate", "/panel/apps"])
+def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout(
+    panel: Panel, path: str
+) -> None:
+    with connect(panel) as s:
+        started = time.monotonic()
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n".encode()
+            + b'{"model": "'  # ... and nothing more
+        )
+        data = read_all(s, BODY_S + MARGIN_S + 5)
+        elapsed = time.monotonic() - started
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head, data[:300]
+    error = json.loads(body)["error"]
+    assert error["code"] == "body_timeout" and f"{BODY_S:g} s" in error["message"]
+    assert BODY_S - TICK_S <= elapsed <= BODY_S + MARGIN_S, elapsed
+    assert panel.http.get("/panel/requests").json()["requests"] == []  # nothing left in flight
+    answers(panel)
+
+
+def test_a_body_dribbled_within_the_body_timeout_is_served(panel: Panel) -> None:
+    """The body timeout is the longest wait between reads, not a deadline for the body."""
+    body = json.dumps(
+        {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+    ).encode()
+    pieces = [body[i : i + 10] for i in range(0, len(body), 10)]
+    gap = BODY_S * 0.4
+    assert gap * len(pieces) > BODY_S * 2  # the whole body takes longer than the timeout
+    with connect(panel) as s:
+        s.sendall(
+            b"POST /proxy/w0/api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        for piece in pieces:
+            time.sleep(gap)
+            s.sendall(piece)
+        data = read_all(s, 30)
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), data[:300]
+    assert json.loads(answer)["done"] is True
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ RUNTIME_DIR_ENV = "XDG_RUNTIME_DIR"
 # the panel port's connection limits (docs/api.md, "Limits of every connection")
 IDLE_TIMEOUT_ENV = "GPUPANEL_IDLE_TIMEOUT_S"
 HEADER_TIMEOUT_ENV = "GPUPANEL_HEADER_TIMEOUT_S"
+BODY_TIMEOUT_ENV = "GPUPANEL_BODY_TIMEOUT_S"
 SHUTDOWN_GRACE_ENV = "GPUPANEL_SHUTDOWN_GRACE_S"
 
 # The simulated workstation and its fake Ollama (documented in `gpupanel.sim.ollama`).

@@ -41,7 +41,12 @@ from gpupanel._version import __version__
 from gpupanel.adapters.config_file import check_tls
 from gpupanel.adapters.state import StateStore
 from gpupanel.core.config import Config
-from gpupanel.core.defaults import HEADER_TIMEOUT_ENV, IDLE_TIMEOUT_ENV, SHUTDOWN_GRACE_ENV
+from gpupanel.core.defaults import (
+    BODY_TIMEOUT_ENV,
+    HEADER_TIMEOUT_ENV,
+    IDLE_TIMEOUT_ENV,
+    SHUTDOWN_GRACE_ENV,
+)
 from gpupanel.core.gpu import GpuBackend
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.errors import ConfigError, GpuPanelError
@@ -125,6 +130,9 @@ class HttpLimits:
     header_timeout_s: float = 5.0
     """A request's head (request line and headers) must arrive in full within this long of
     its first bytes; else 408 and the connection is closed."""
+    body_timeout_s: float = 30.0
+    """While a request's body is incomplete, the longest wait for more of it; passed, 408
+    (the connection is closed: at once if the answer has started)."""
     max_header_bytes: int = 32 * 1024
     """The request line and headers together; over it, 431 and the connection is closed."""
     max_headers: int = 100
@@ -135,12 +143,13 @@ class HttpLimits:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> HttpLimits:
-        """The defaults, with $GPUPANEL_IDLE_TIMEOUT_S, $GPUPANEL_HEADER_TIMEOUT_S and
-        $GPUPANEL_SHUTDOWN_GRACE_S (seconds) where set."""
+        """The defaults, with $GPUPANEL_IDLE_TIMEOUT_S, $GPUPANEL_HEADER_TIMEOUT_S,
+        $GPUPANEL_BODY_TIMEOUT_S and $GPUPANEL_SHUTDOWN_GRACE_S (seconds) where set."""
         base = cls()
         return cls(
             idle_timeout_s=_seconds(env, IDLE_TIMEOUT_ENV, base.idle_timeout_s, 0.1),
             header_timeout_s=_seconds(env, HEADER_TIMEOUT_ENV, base.header_timeout_s, 0.1),
+            body_timeout_s=_seconds(env, BODY_TIMEOUT_ENV, base.body_timeout_s, 0.1),
             max_header_bytes=base.max_header_bytes,
             max_headers=base.max_headers,
             shutdown_grace_s=_seconds(env, SHUTDOWN_GRACE_ENV, base.shutdown_grace_s, 0.0),
@@ -168,6 +177,10 @@ dropped before the connection closes (closing with unread data would reset it, a
 client might never read the answer)."""
 
 
+TIMER_SLACK_S = 0.01
+"""The shortest re-arm of a timer (the loop's timers may fire a little early)."""
+
+
 class _TooLarge(Exception):
     """Raised in a parser callback: the request's head is over the limits."""
 
@@ -175,10 +188,11 @@ class _TooLarge(Exception):
 class BoundedHttp(HttpToolsProtocol):
     """uvicorn's httptools protocol with `HttpLimits`: the idle timer runs from the
     moment a connection opens (uvicorn arms it only after a first answer), a request's
-    head has a deadline and a size, and its header fields a count.
+    head has a deadline and a size, its header fields a count, and its body a longest
+    wait between reads.
 
     Nothing on the hot path but a few additions: a head that arrives in one read never
-    arms a timer."""
+    arms a timer, nor does a body that arrives with its head."""
 
     limits: ClassVar[HttpLimits] = HttpLimits()
 
@@ -192,6 +206,9 @@ class BoundedHttp(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = ""  # why a parser callback stopped the parser
         self._lingering = False
+        self._in_body = False
+        self._body_read_at = 0.0  # loop time of the last read while a body was incomplete
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -201,6 +218,7 @@ class BoundedHttp(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -219,6 +237,14 @@ class BoundedHttp(HttpToolsProtocol):
             elif self._head_timer is None:
                 self._head_timer = self.loop.call_later(
                     self.limits.header_timeout_s, self._head_timeout
+                )
+        elif self._in_body and not self.transport.is_closing():
+            # A body still incomplete after this read: one timer per body, pushed back by
+            # each read (only the time is noted here; the timer looks at it when it fires).
+            self._body_read_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(
+                    self.limits.body_timeout_s, self._body_timeout
                 )
 
     # ---- parser callbacks ----
@@ -246,6 +272,12 @@ class BoundedHttp(HttpToolsProtocol):
             self._refused = f"request headers over the limit of {limits.max_header_bytes} bytes"
             raise _TooLarge
         super().on_headers_complete()
+        self._in_body = True  # until on_message_complete (at once for a request without one)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._stop_body_timer()
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         if self._refused:  # a callback above stopped the parser: 431, not uvicorn's 400
@@ -266,6 +298,37 @@ class BoundedHttp(HttpToolsProtocol):
                 f"request headers not received in full within {self.limits.header_timeout_s:g} s",
                 "header_timeout",
             )
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if not self._in_body or self.transport.is_closing():
+            return
+        waited = self.loop.time() - self._body_read_at
+        if self.flow.read_paused:  # the app has not read what arrived: not the client's wait
+            self._body_read_at, waited = self.loop.time(), 0.0
+        if waited < self.limits.body_timeout_s:  # more arrived meanwhile: look again later
+            self._body_timer = self.loop.call_later(
+                max(self.limits.body_timeout_s - waited, TIMER_SLACK_S), self._body_timeout
+            )
+            return
+        self._in_body = False
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()  # no answer can be written in the middle of one
+            return
+        if cycle is not None:  # the app waiting for the body gets a disconnect
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._answer_and_close(
+            b"408 Request Timeout",
+            f"request body: nothing of it arrived for {self.limits.body_timeout_s:g} s",
+            "body_timeout",
+        )
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _answer_and_close(self, status: bytes, message: str, code: str) -> None:
         """A small JSON error (the /panel shape: the route is not known yet), then the
