@@ -97,8 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from gpupanel.api.build import control_plane
-    from gpupanel.services.runtime import bind_panel_socket, run_loop
+    from gpupanel.services.runtime import bind_panel_socket, raise_open_files_limit, run_loop
 
+    raise_open_files_limit()  # before the runtime sizes its connection limit from it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     plane = control_plane(args.config, args.simulate, args.host, args.port, ray=args.ray)

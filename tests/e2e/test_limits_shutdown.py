@@ -240,6 +240,28 @@ def test_a_body_that_stops_arriving_gets_408_after_the_body_timeout(
     answers(panel)
 
 
+def test_connections_past_the_limit_are_answered_503_and_closed(tmp_path: Path) -> None:
+    """With room for 20 connections, 20 held open leave the next one a 503 that names the
+    limit (those within it are served); once they are gone, new ones are served again."""
+    health = b"GET /panel/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with running(tmp_path, GPUPANEL_MAX_CONNECTIONS="20", GPUPANEL_IDLE_TIMEOUT_S="30") as p:
+        held = [connect(p) for _ in range(20)]
+        try:
+            held[0].sendall(health)
+            assert held[0].recv(65536).startswith(b"HTTP/1.1 200 ")
+            with connect(p) as extra:  # accepted after the 20 (the backlog is in order)
+                extra.sendall(health)
+                data = read_all(extra, 10)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head, data[:300]
+            error = json.loads(body)["error"]
+            assert error["code"] == "too_many_connections" and "at most 20" in error["message"]
+        finally:
+            for s in held:
+                s.close()
+        wait_for(lambda: p.http.get("/panel/health").status_code == 200, 10, "served again")
+
+
 def test_a_body_dribbled_within_the_body_timeout_is_served(panel: Panel) -> None:
     """The body timeout is the longest wait between reads, not a deadline for the body."""
     body = json.dumps(

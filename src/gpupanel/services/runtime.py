@@ -45,6 +45,7 @@ from gpupanel.core.defaults import (
     BODY_TIMEOUT_ENV,
     HEADER_TIMEOUT_ENV,
     IDLE_TIMEOUT_ENV,
+    MAX_CONNECTIONS_ENV,
     SHUTDOWN_GRACE_ENV,
 )
 from gpupanel.core.gpu import GpuBackend
@@ -137,6 +138,11 @@ class HttpLimits:
     """The request line and headers together; over it, 431 and the connection is closed."""
     max_headers: int = 100
     """Header fields in one request; over it, 431 and the connection is closed."""
+    max_connections: int = 4096
+    """Connections open at once; one more is answered 503 `too_many_connections` and
+    closed, so the process never runs out of file descriptors (each proxied request holds a
+    second one, to its worker). From the environment: half the descriptors this process may
+    open, less a reserve (`connections_for`)."""
     shutdown_grace_s: float = 3.0
     """On stop, requests in progress (a proxied stream, a worker start) have this long to end
     before their connections are closed; event streams are closed at once."""
@@ -144,7 +150,9 @@ class HttpLimits:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> HttpLimits:
         """The defaults, with $GPUPANEL_IDLE_TIMEOUT_S, $GPUPANEL_HEADER_TIMEOUT_S,
-        $GPUPANEL_BODY_TIMEOUT_S and $GPUPANEL_SHUTDOWN_GRACE_S (seconds) where set."""
+        $GPUPANEL_BODY_TIMEOUT_S and $GPUPANEL_SHUTDOWN_GRACE_S (seconds) and
+        $GPUPANEL_MAX_CONNECTIONS where set; else the connections from the process's limit
+        of open files."""
         base = cls()
         return cls(
             idle_timeout_s=_seconds(env, IDLE_TIMEOUT_ENV, base.idle_timeout_s, 0.1),
@@ -152,6 +160,7 @@ class HttpLimits:
             body_timeout_s=_seconds(env, BODY_TIMEOUT_ENV, base.body_timeout_s, 0.1),
             max_header_bytes=base.max_header_bytes,
             max_headers=base.max_headers,
+            max_connections=_count(env, MAX_CONNECTIONS_ENV, connections_for(open_files_limit())),
             shutdown_grace_s=_seconds(env, SHUTDOWN_GRACE_ENV, base.shutdown_grace_s, 0.0),
         )
 
@@ -169,6 +178,52 @@ def _seconds(env: Mapping[str, str], name: str, default: float, least: float) ->
             f"${name} must be a number of seconds from {least:g} to 3600, got {text!r}"
         )
     return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1_000_000):
+        raise ConfigError(f"${name} must be a whole number from 1 to 1000000, got {text!r}")
+    return int(text)
+
+
+FD_RESERVE = 256
+"""File descriptors kept for everything but connections: the state and usage files, NVML,
+worker pipes and logs, the event loop."""
+
+
+def connections_for(open_files: int) -> int:
+    """How many connections a process that may open `open_files` files serves at once: half
+    of what is left after FD_RESERVE (a proxied request holds two), at least 16."""
+    return max(16, (open_files - FD_RESERVE) // 2)
+
+
+def open_files_limit() -> int:
+    """The process's soft limit of open files (4096 where it cannot be read)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return 4096
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def raise_open_files_limit(wanted: int = 65536) -> int:
+    """Raise the soft limit of open files towards `wanted`, within the hard limit (for a
+    server process: the common soft limit of 1024 would cap it at a few hundred streams).
+    Returns the soft limit in force."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return open_files_limit()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return open_files_limit()
 
 
 LINGER_S = 1.0
@@ -212,6 +267,14 @@ class BoundedHttp(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._answer_and_close(
+                b"503 Service Unavailable",
+                f"too many connections (at most {self.limits.max_connections} at once): "
+                "retry shortly, or reuse connections (keep-alive)",
+                "too_many_connections",
+            )
+            return
         self.timeout_keep_alive_task = self.loop.call_later(
             self.limits.idle_timeout_s, self.timeout_keep_alive_handler
         )
