@@ -478,9 +478,54 @@ async def test_model_scoped_keys_send_json(k: Keyed) -> None:
         "/proxy/b/api/chat", json={"model": "phi3:latest", "messages": []}, headers=bearer(secret)
     )
     assert r.status_code == 200
+    assert len(k.rig.upstreams["b"].seen) == 1
+
+
+def listing_of(path: str, names: list[str]) -> dict[str, Any]:
+    """What a worker answers on `path`: OpenAI's model list, or Ollama's tags and ps."""
+    if path == "/v1/models":
+        return {"object": "list", "data": [{"id": n, "object": "model"} for n in names]}
+    return {"models": [{"name": n, "model": n, "size": 1} for n in names]}
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/api/tags", "/api/ps"])
+async def test_a_model_scoped_key_sees_only_its_models_in_a_workers_listings(
+    k: Keyed, path: str
+) -> None:
+    names = ["llama3:latest", "phi3:latest", "qwen2.5:7b"]
+
+    async def listing(seen: Seen, reply: Reply) -> None:
+        body = json.dumps(listing_of(path, names)).encode()
+        await reply.head(200, "application/json")  # chunked: read whole before filtering
+        await reply.chunk(body[:10])
+        await reply.chunk(body[10:])
+        await reply.end()
+
+    k.rig.upstreams["b"].handler = listing
+    secret = k.key("team-a", models=["phi3"])
+    r = await k.client.get(f"/proxy/b{path}", headers={**bearer(secret), "Accept-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    assert r.json() == listing_of(path, ["phi3:latest"])
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert "accept-encoding" not in k.rig.upstreams["b"].seen[-1].names  # asked uncompressed
+    # the admin token and unscoped keys see the worker's whole list, as it sent it
+    for token in (k.token, k.key("team-b")):
+        r = await k.client.get(f"/proxy/b{path}", headers=bearer(token))
+        assert r.status_code == 200 and r.json() == listing_of(path, names)
+
+
+async def test_a_listing_that_cannot_be_read_is_never_passed_whole(k: Keyed) -> None:
+    async def garbled(seen: Seen, reply: Reply) -> None:
+        await reply.json(b'{"models": "llama3, phi3"}')
+
+    k.rig.upstreams["b"].handler = garbled
+    secret = k.key("team-a", models=["phi3"])
     r = await k.client.get("/proxy/b/api/tags", headers=bearer(secret))
-    assert r.status_code == 200
-    assert len(k.rig.upstreams["b"].seen) == 2
+    assert r.status_code == 502 and "llama3" not in r.text, r.text
+    assert "could not be read to list only the models of API key 'team-a'" in r.json()["error"]
+    r = await k.client.get("/proxy/b/v1/models", headers=bearer(secret))
+    assert r.status_code == 502 and r.json()["error"]["code"] == "listing_unreadable"
+    assert (await k.client.get("/panel/requests", headers=bearer(k.token))).json()["requests"] == []
 
 
 @pytest.mark.parametrize(

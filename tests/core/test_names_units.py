@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from gpupanel.core.names import canonical_model, find_model, same_model
+from gpupanel.core.names import canonical_model, find_model, listing_within, same_model
 from gpupanel.core.routing import is_loaded, serves
 from gpupanel.core.units import GIB, gib
 from gpupanel.core.worker import LoadedModel, WorkerState
@@ -92,3 +92,16 @@ def test_missing_model_uses_the_one_name_rule() -> None:
     found = evaluate(Snapshot(time=1.0, simulated=True, gpus=(), workers=(w,)), (), now=1.0)
     missing = sorted(x.subject for x in found if x.code == "missing_model")
     assert missing == ["w/hf.co/x/y", "w/host:5000/llama3"]
+
+
+def test_listing_within_keeps_only_the_allowed_models_and_the_rest_of_the_answer() -> None:
+    tags = {"models": [{"name": "llama3:latest"}, {"name": "phi3:mini"}, {"size": 1}, "x"]}
+    assert listing_within("/api/tags", tags, ["llama3"]) == {"models": [{"name": "llama3:latest"}]}
+    v1 = {"object": "list", "data": [{"id": "llama3"}, {"id": "phi3:mini"}]}
+    assert listing_within("/v1/models", v1, ["phi3:mini"]) == {
+        "object": "list",
+        "data": [{"id": "phi3:mini"}],
+    }
+    for not_a_listing in ({"models": None}, [], {"data": []}, "text"):
+        with pytest.raises(ValueError, match="'models' list"):
+            listing_within("/api/ps", not_a_listing, ["llama3"])

@@ -68,7 +68,7 @@ from gpupanel.api.caller import CALLER, Caller, caller_of
 from gpupanel.api.errors import dialect_body, status_of
 from gpupanel.api.limits import loads
 from gpupanel.api.upstream import Response, UpstreamError, UpstreamPool
-from gpupanel.core.names import find_model
+from gpupanel.core.names import LISTINGS, find_model, listing_within
 from gpupanel.core.routing import candidates, serves
 from gpupanel.core.snapshot import Snapshot
 from gpupanel.core.upstream import Upstream
@@ -213,6 +213,34 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+_LENGTHS = frozenset({b"content-length", b"transfer-encoding"})
+
+
+class _ListingWithin:
+    """A worker's model listing (core/names.LISTINGS) as an API key limited to models may
+    see it: only its models (docs/security.md, "API keys")."""
+
+    def __init__(self, path: str, caller: Caller, worker_id: str) -> None:
+        self.path, self.caller, self.worker_id = path, caller, worker_id
+
+    def body(self, body: bytes, headers: list[tuple[bytes, bytes]], entry: InFlight) -> bytes:
+        """`body` filtered; WorkerFailed (502) if it cannot be read: never passed whole."""
+        assert self.caller.models is not None
+        try:
+            if any(k == b"content-encoding" for k, _ in headers):
+                raise ValueError("it came compressed")
+            return json.dumps(listing_within(self.path, loads(body), self.caller.models)).encode()
+        except (ValueError, Invalid) as exc:
+            raise _failed(
+                entry,
+                WorkerFailed(
+                    f"worker {self.worker_id}'s answer to {self.path} could not be read to "
+                    f"list only the models of API key {self.caller.name!r}: {exc}",
+                    "listing_unreadable",
+                ),
+            ) from None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -457,8 +485,13 @@ class Proxy:
         traffic = self.plane.traffic
         entry = self._open(caller, worker.id, _model_of(data), app, scope)
         changes = path.startswith("/api/") and _changes_models(path, data)
+        within = None
+        if caller.models is not None and path in LISTINGS and scope["method"] == "GET":
+            within = _ListingWithin(path, caller, worker_id)
         try:
-            await self._forward(scope, receive, send, worker, target, body, entry, changes)
+            await self._forward(
+                scope, receive, send, worker, target, body, entry, changes, within
+            )
         except _UpstreamFailed as exc:
             node = self.plane.upstream_of(worker).node
             where = f"port {worker.port}" if node is None else f"node {node}"
@@ -571,10 +604,12 @@ class Proxy:
         body: bytes,
         entry: InFlight,
         changes_models: bool = False,
+        within: _ListingWithin | None = None,
     ) -> None:
         """Send the request to `worker` (`target`: its path and query) and stream its answer
         back. With `changes_models`, the worker's models are read again (and published)
-        before the answer ends.
+        before the answer ends; with `within`, a model listing is read whole and answered
+        with only the models of the caller's key.
 
         Raises _UpstreamFailed only before the first byte was sent to the client.
         """
@@ -590,6 +625,8 @@ class Proxy:
                 headers.append((b"x-gpupanel-app", entry.app.encode()))
             target = hop.prefix + target
             drop_response = _DROP_RESPONSE_HOP
+        if within is not None:  # the listing is read here: never compressed
+            headers = [(k, v) for k, v in headers if k != b"accept-encoding"]
         try:
             upstream = await self.upstream.request(hop, scope["method"], target, headers, body)
         except UpstreamError as exc:
@@ -616,10 +653,17 @@ class Proxy:
                 (b"x-request-id", entry.id.encode()),
             ]
             entry.status = upstream.status
+            if within is not None and upstream.status == 200:
+                listing = within.body(await upstream.read(), out, entry)
+                out = [(k, v) for k, v in out if k not in _LENGTHS]
+                out.append((b"content-length", b"%d" % len(listing)))
+                await send({"type": "http.response.start", "status": 200, "headers": out})
+                await self._whole(send, listing, entry)
+                return
             await send({"type": "http.response.start", "status": upstream.status, "headers": out})
             before_end = self._models_changed(worker.id) if changes_models else None
             if upstream.complete:
-                await self._whole(send, upstream, entry, before_end)
+                await self._whole(send, await upstream.read(), entry, before_end)
             else:
                 await self._stream(receive, send, upstream, entry, before_end)
         finally:
@@ -661,13 +705,12 @@ class Proxy:
     @staticmethod
     async def _whole(
         send: Send,
-        upstream: Response,
+        body: bytes,
         entry: InFlight,
         before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Send an answer whose body has already arrived in full (a small non-streamed one)
         in one message: with nothing left to wait for, no hang-up watcher is needed."""
-        body = await upstream.read()
         if body:
             entry.chunks += 1
             entry.bytes += len(body)

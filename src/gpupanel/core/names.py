@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 
 def canonical_model(name: str) -> str:
@@ -24,6 +25,35 @@ def same_model(a: str, b: str) -> bool:
 def find_model(model: str, names: Iterable[str]) -> str | None:
     """The first of `names` that is the same model as `model`, if any."""
     return next((n for n in names if same_model(model, n)), None)
+
+
+LISTINGS: dict[str, tuple[str, str]] = {
+    "/v1/models": ("data", "id"),
+    "/api/tags": ("models", "name"),
+    "/api/ps": ("models", "name"),
+}
+"""A worker's routes that list its models: the list's field and each entry's name field."""
+
+
+def listing_within(path: str, listing: Any, allowed: Iterable[str]) -> Any:
+    """The model listing a worker answered on `path` (one of LISTINGS) with only the entries
+    of `allowed` models (what an API key limited to models may see). ValueError if it is not
+    a listing of that route's shape."""
+    field, name = LISTINGS[path]
+    entries = listing.get(field) if isinstance(listing, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"no {field!r} list in the answer")
+    kept = list(allowed)
+    return {
+        **listing,
+        field: [
+            e
+            for e in entries
+            if isinstance(e, dict)
+            and isinstance(e.get(name), str)
+            and find_model(e[name], kept) is not None
+        ],
+    }
 
 
 # ---- app names ------------------------------------------------------------------------------
