@@ -159,6 +159,10 @@ def test_sharing_fields_are_validated_at_load() -> None:
         ({"allowed_origins": ["https://a.org/path"]}, "an origin is scheme://host[:port]"),
         ({"allowed_origins": ["notes.example.org"]}, "an origin is scheme://host[:port]"),
         ({"allowed_origins": "https://a.org"}, "field 'allowed_origins' must be a list"),
+        # what the HTTP guard would refuse at start is refused at load, naming the file
+        ({"allowed_origins": ["http://a b"]}, "f.toml: [panel]: field 'allowed_origins' has "),
+        ({"allowed_origins": ["http://a.org:99999"]}, "port '99999' is not 1-65535 or *"),
+        ({"allowed_origins": ["https://*.a$b.org"]}, "host name with * labels"),
         ({"tls_cert": "/etc/cert.pem"}, "fields 'tls_cert' and 'tls_key' go together"),
     ]
     for fields, message in bad:

@@ -489,9 +489,7 @@ class Proxy:
         if caller.models is not None and path in LISTINGS and scope["method"] == "GET":
             within = _ListingWithin(path, caller, worker_id)
         try:
-            await self._forward(
-                scope, receive, send, worker, target, body, entry, changes, within
-            )
+            await self._forward(scope, receive, send, worker, target, body, entry, changes, within)
         except _UpstreamFailed as exc:
             node = self.plane.upstream_of(worker).node
             where = f"port {worker.port}" if node is None else f"node {node}"

@@ -40,13 +40,13 @@ Matching is on the parsed scheme, host and port: `http://localhost.evil.com` or
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpupanel.api.errors import dialect_body, panel_error
+from gpupanel.core.origins import ANY_PORT, allowed_origin, origin_host, parse_origin
 from gpupanel.errors import ConfigError, Forbidden
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -54,18 +54,11 @@ ORIGIN_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "::1")
 """Hosts whose http/https origins are allowed on any port (Ollama's, and IPv6 loopback)."""
 APP_SCHEMES = frozenset({"app", "file", "tauri", "vscode-webview", "vscode-file"})
 """Schemes of desktop-app and editor webviews, allowed with any host (as Ollama does)."""
-DEFAULT_PORTS = {"http": 80, "https": 443}
-ANY_PORT = -1
 ALLOW_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 EXPOSE_HEADERS = b"X-GPUPanel-Worker, X-Request-Id"
 PREFLIGHT_MAX_AGE = b"7200"
 """Seconds a browser may cache a preflight (Chromium caps it at 7200)."""
 
-_SCHEME = r"[a-z][a-z0-9+.\-]*"
-_LABEL = r"[a-z0-9_~\-]+"
-_NAME = rf"{_LABEL}(?:\.{_LABEL})*"
-_ORIGIN = re.compile(rf"({_SCHEME})://(\[[0-9a-f:.]+\]|{_NAME})?(?::([0-9]{{1,5}}))?")
-_PATTERN_LABEL = re.compile(r"[a-z0-9_~\-*]+")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z\-]+")
 _CACHE_SIZE = 256
 
@@ -77,44 +70,6 @@ def _hostname(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-def _origin_host(host: str) -> str | None:
-    """A host as it appears in an origin: lowercased, IPv6 bracketed and compressed;
-    None if it is not a host name or an IP literal."""
-    host = host.lower()
-    if host.startswith("["):  # only IPv6 goes in brackets
-        try:
-            return f"[{ipaddress.IPv6Address(host[1:-1] if host.endswith(']') else '-')}]"
-        except ValueError:
-            return None
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host if re.fullmatch(_NAME, host) else None
-    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
-
-
-def parse_origin(origin: str) -> tuple[str, str, int | None] | None:
-    """An `Origin` header as (scheme, host, port), port None for the scheme's default or
-    none; None if it is not a plain `scheme://host[:port]` (`null`, user info, a path...)."""
-    m = _ORIGIN.fullmatch(origin.lower())
-    if m is None:
-        return None
-    scheme, host, port_text = m[1], m[2] or "", m[3]
-    if host.startswith("["):
-        normal = _origin_host(host)
-        if normal is None:
-            return None
-        host = normal
-    port = None
-    if port_text is not None:
-        port = int(port_text)
-        if not 0 < port <= 65535:
-            return None
-        if port == DEFAULT_PORTS.get(scheme):
-            port = None
-    return scheme, host, port
-
-
 class OriginPolicy:
     """Which browser origins may use gpupanel (see the module docstring for the rules)."""
 
@@ -123,7 +78,7 @@ class OriginPolicy:
         self.exact: set[tuple[str, str, int | None]] = set()
         self.patterns: list[tuple[str, re.Pattern[str], int | None]] = []
         for name in (*ORIGIN_HOSTS, *hosts):
-            host = _origin_host(name)
+            host = origin_host(name)
             if host is not None:
                 self.any_port.update((("http", host), ("https", host)))
         for entry in extra:
@@ -131,48 +86,18 @@ class OriginPolicy:
         self._cache: dict[str, bool] = {}
 
     def _add(self, entry: str) -> None:
-        """One `[panel] allowed_origins` entry: `scheme://host[:port|:*]`, `*` in labels."""
-
-        def bad(why: str) -> ConfigError:
-            return ConfigError(
-                f"[panel] allowed_origins has {entry!r}: {why}; an origin is "
-                'scheme://host[:port] (port "*" for any), e.g. "https://notebooks.example.org"'
-            )
-
-        scheme, sep, rest = entry.lower().partition("://")
-        if not sep or not re.fullmatch(_SCHEME, scheme):
-            raise bad("no scheme")
-        if rest.startswith("["):
-            host, bracket, after = rest.partition("]")
-            host += bracket
-            if after and not after.startswith(":"):
-                raise bad("junk after the IPv6 address")
-            port_text: str | None = after[1:] if after else None
+        """One `[panel] allowed_origins` entry (checked at load already; a config built in
+        code is checked here)."""
+        try:
+            allowed = allowed_origin(entry)
+        except ValueError as exc:
+            raise ConfigError(f"[panel] allowed_origins has {entry!r}: {exc}") from None
+        if allowed.pattern is not None:
+            self.patterns.append((allowed.scheme, allowed.pattern, allowed.port))
+        elif allowed.port == ANY_PORT:
+            self.any_port.add((allowed.scheme, allowed.host))
         else:
-            host, colon, text = rest.partition(":")
-            port_text = text if colon else None
-        port: int | None = None
-        if port_text == "*":
-            port = ANY_PORT
-        elif port_text is not None:
-            if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-                raise bad(f"port {port_text!r} is not 1-65535 or *")
-            port = int(port_text)
-            port = None if port == DEFAULT_PORTS.get(scheme) else port
-        if "*" in host:
-            labels = host.split(".")
-            if not all(_PATTERN_LABEL.fullmatch(label) for label in labels):
-                raise bad(f"host {host!r} is not a host name with * labels")
-            rx = r"\.".join(re.escape(lb).replace(r"\*", _LABEL) for lb in labels)
-            self.patterns.append((scheme, re.compile(rx), port))
-            return
-        normal = _origin_host(host)
-        if normal is None or not host:
-            raise bad(f"host {host!r} is not a host name or an IP address")
-        if port == ANY_PORT:
-            self.any_port.add((scheme, normal))
-        else:
-            self.exact.add((scheme, normal, port))
+            self.exact.add((allowed.scheme, allowed.host, allowed.port))
 
     def allows(self, origin: str) -> bool:
         """Whether a page of `origin` (an `Origin` header as sent) may use gpupanel."""

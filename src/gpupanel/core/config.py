@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpupanel.core.defaults import DEFAULT_PANEL_PORT, DEFAULT_WORKER_PORT, LOOPBACK
+from gpupanel.core.origins import allowed_origin
 from gpupanel.errors import ConfigError
 
 # DEFAULT_*_PORT live in gpupanel.core.defaults; re-exported for existing importers.
@@ -296,13 +297,11 @@ def _check_auth(value: str | None, f: _Fields) -> str:
 
 
 def _check_origin(origin: str, f: _Fields) -> str:
-    """An origin as browsers send it: scheme://host[:port], no path (a "*" label allowed)."""
-    scheme, sep, rest = origin.partition("://")
-    if not sep or not scheme or not rest or "/" in rest or origin != origin.strip():
-        raise ConfigError(
-            f"{f.where}: field 'allowed_origins' has {origin!r}: an origin is "
-            'scheme://host[:port] with no path, e.g. "https://notebooks.example.org"'
-        )
+    """An allowed-origins entry, parsed as the HTTP guard will read it (core/origins.py)."""
+    try:
+        allowed_origin(origin)
+    except ValueError as exc:
+        raise ConfigError(f"{f.where}: field 'allowed_origins' has {origin!r}: {exc}") from None
     return origin.lower()
 
 
