@@ -476,14 +476,13 @@ def _keys_panel(config_file: str | None) -> tuple[PanelSettings, Path]:
     """The `[panel]` settings of the config `gpupanel serve` would read here (validated),
     and the state directory they name: where the keys live."""
     from gpupanel.adapters.config_file import find_config
-    from gpupanel.adapters.state import default_state_dir
-    from gpupanel.client import local_panel_settings
+    from gpupanel.client import local_panel_settings, local_state_dir
     from gpupanel.core.config import parse_config
 
     raw = local_panel_settings(config_file, strict=True)
     path = find_config(config_file)
     panel = parse_config({"panel": raw}, str(path or "<default>"), ()).panel
-    return panel, Path(panel.state_dir) if panel.state_dir else default_state_dir()
+    return panel, local_state_dir(config_file)
 
 
 def _when(t: float | None, never: str = "never") -> str:
