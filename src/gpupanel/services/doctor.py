@@ -199,7 +199,7 @@ _INSTALL = {
     ),
     "vllm": (
         "install vLLM (`pip install vllm` on a machine with an NVIDIA GPU; a CPU-only "
-        "build: docs/vllm.md, \"The CPU build for tests\")"
+        'build: docs/vllm.md, "The CPU build for tests")'
     ),
 }
 
