@@ -7,12 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gpupanel.adapters.state import (
+    LOCK_FILE,
     Rejected,
     StateStore,
     WorkerRecord,
@@ -232,3 +236,45 @@ def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_state_dir() == tmp_path / "gpupanel"
     monkeypatch.delenv("XDG_STATE_HOME")
     assert default_state_dir() == Path.home() / ".local" / "state" / "gpupanel"
+
+
+# ---- one control plane per state directory -------------------------------------------------
+
+
+def test_a_claimed_state_dir_refuses_a_second_control_plane_naming_the_first(
+    tmp_path: Path,
+) -> None:
+    first, second = StateStore(tmp_path), StateStore(tmp_path)
+    first.claim("http://127.0.0.1:8765")
+    first.claim("http://127.0.0.1:8765")  # again: still held, no error
+    with pytest.raises(StateError) as refused:
+        second.claim("http://127.0.0.1:9000")
+    message = str(refused.value)
+    assert f"pid {os.getpid()}, serving http://127.0.0.1:8765" in message
+    assert str(tmp_path) in message and "own state_dir" in message
+    first.release()
+    first.release()  # idempotent
+    second.claim("http://127.0.0.1:9000")  # free again
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["url"] == "http://127.0.0.1:9000"
+    assert stat.S_IMODE((tmp_path / LOCK_FILE).stat().st_mode) == 0o600
+    second.release()
+
+
+def test_a_claim_waits_for_a_control_plane_that_is_letting_go(tmp_path: Path) -> None:
+    holder, waiter = StateStore(tmp_path), StateStore(tmp_path)
+    holder.claim("http://127.0.0.1:1")
+    timer = threading.Timer(0.3, holder.release)
+    timer.start()
+    try:
+        waiter.claim("http://127.0.0.1:2", wait_s=10)  # returns once the holder let go
+    finally:
+        timer.join()
+    with pytest.raises(StateError, match=r"pid \d+, serving http://127\.0\.0\.1:2"):
+        StateStore(tmp_path).claim("http://127.0.0.1:3", wait_s=0.2)
+    waiter.release()
+
+
+def test_a_state_dir_that_cannot_be_made_is_not_claimed(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    StateStore(blocker / "gpupanel").claim("http://127.0.0.1:1")  # no error: nothing to hold

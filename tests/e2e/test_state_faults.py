@@ -155,6 +155,39 @@ def test_a_state_dir_that_cannot_be_created_is_one_line_at_start(
     assert "XDG_STATE_HOME" in lines[0]
 
 
+def test_a_second_control_plane_on_the_same_state_dir_is_refused_and_starts_nothing(
+    tmp_path: Path, panel_env: dict[str, str], workstation: list[str]
+) -> None:
+    first = serve(tmp_path, panel_env, workers_toml([free_port()]))
+    try:
+        before = wait_for(lambda: running(first, "a"), 30, "worker a running")["a"]["pid"]
+        second_port = free_port()
+        done = subprocess.run(
+            [sys.executable, "-m", "gpupanel", "serve", "--simulate", "--config",
+             str(first.config), "--port", str(second_port)],
+            env=panel_env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith(
+            f"gpupanel: another gpupanel control plane (pid {first.proc.pid}, serving "  # type: ignore[union-attr]
+            f"{first.url}) uses the state directory {state_dir(panel_env)}"
+        )
+        # the first goes on with the same worker; nothing was adopted or started twice
+        assert first.worker("a")["pid"] == before and first.worker("a")["status"] == "running"
+        sim = panel_env["GPUPANEL_SIM_DIR"]
+        workers = [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if "gpupanel.sim.ollama" in " ".join(p.info["cmdline"] or ())
+            and p.environ().get("GPUPANEL_SIM_DIR") == sim
+        ]
+        assert workers == [before]
+    finally:
+        first.shutdown()
+
+
 @contextmanager
 def unwritable(directory: Path) -> Iterator[None]:
     """The state directory replaced by a file, so that every write in it fails (also for

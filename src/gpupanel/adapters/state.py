@@ -11,12 +11,19 @@ Writes are atomic. What cannot be trusted is never silently overwritten:
 - a file that cannot be read as a whole is moved to `workers.json.unreadable-<time>`.
 
 A set-aside copy is never overwritten (a second one in the same second gets another name).
+
+One control plane at a time uses a state directory (`claim`): an `flock` on
+`control-plane.lock`, which names the holder (pid and URL) for the next one's error. The lock
+goes with the process, however it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import logging
 import math
 import os
 import tempfile
@@ -32,6 +39,9 @@ from gpupanel.core.defaults import STATE_HOME_ENV
 from gpupanel.errors import ConfigError, StateError
 
 STATE_FILE = "workers.json"
+LOCK_FILE = "control-plane.lock"
+
+log = logging.getLogger("gpupanel.state")
 
 
 def default_state_dir() -> Path:
@@ -171,6 +181,15 @@ class Loaded:
     aside: Path | None = None
 
 
+def _holder(fd: int) -> str:
+    """Who holds a claim, as its lock file says: `pid N, URL`."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {int(data['pid'])}, serving {str(data['url'])[:200]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid unknown"
+
+
 def _label(index: int, raw: object) -> str:
     wid = raw.get("id") if isinstance(raw, Mapping) else None
     return f"record {index + 1} (worker {wid!r})" if isinstance(wid, str) else f"record {index + 1}"
@@ -183,6 +202,52 @@ class StateStore:
         self.directory = default_state_dir() if directory is None else directory
         self.path = self.directory / STATE_FILE
         self.logs = self.directory / "logs"
+        self._lock: int | None = None  # the claim's file descriptor
+
+    def claim(self, url: str, wait_s: float = 0.0) -> None:
+        """Hold this directory for the control plane serving `url` until `release` (or the
+        process ends). StateError naming the holder and the fix if another control plane
+        holds it still after `wait_s` (one that is stopping lets go). A directory where the
+        lock cannot be made is not claimed (its writes fail anyway: `state_unwritable`)."""
+        if self._lock is not None:
+            return
+        path = self.directory / LOCK_FILE
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): not claimed", path, exc.strerror or exc)
+            return
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _holder(fd)
+                    os.close(fd)
+                    raise StateError(
+                        f"another gpupanel control plane ({holder}) uses the state directory "
+                        f"{self.directory}: use that one (`gpupanel workers`, or "
+                        "gpupanel.connect(url) in a notebook), or stop it first; to run a "
+                        "second one, give it its own state_dir in [panel] of gpupanel.toml"
+                    ) from None
+                time.sleep(0.1)
+            except OSError as exc:  # a file system without locks
+                log.warning("cannot lock %s (%s): not claimed", path, exc.strerror or exc)
+                os.close(fd)
+                return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "url": url}).encode(), 0)
+        self._lock = fd
+
+    def release(self) -> None:
+        """Let go of the claim (idempotent); the file stays, naming no one once unlocked."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def check(self) -> None:
         """Make sure the directory (and its logs/) exists and can be written now; StateError

@@ -156,6 +156,7 @@ class NodeAgent:
         self.cp: ControlPlane | None = None
         try:
             cp, sock = agent_control_plane(spec, node_ip())
+            cp.claim_wait_s = 15.0  # a predecessor Ray killed may still be ending
             cp.start_in_thread(sock=sock)
             self.cp = cp
             log.info("gpupanel agent of node %s serves on %s", spec.node, cp.url)

@@ -510,6 +510,9 @@ class ControlPlane:
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.failed: BaseException | None = None
+        self.claim_wait_s = 0.0
+        """How long to wait for another control plane to let go of the state directory
+        (an agent that Ray restarts may start while its predecessor is still ending)."""
 
     @property
     def snapshot(self) -> Snapshot:
@@ -528,6 +531,12 @@ class ControlPlane:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         panel = self.config.panel
+        store = self.node.store
+        try:
+            await asyncio.to_thread(store.claim, self.url, self.claim_wait_s)
+        except BaseException:
+            sock.close()
+            raise
         app, close_app = self.app_factory(self.plane)
         limits = self.http_limits
         server = _Server(
@@ -574,6 +583,7 @@ class ControlPlane:
             await close_app()
             await self._flush_usage(close=True)  # requests ended by the stop included
             await self.node.close()
+            store.release()
             sock.close()
 
     async def _flush_usage(self, close: bool = False) -> None:
