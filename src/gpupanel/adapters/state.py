@@ -215,8 +215,8 @@ class StateStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            log.warning("cannot lock %s (%s): not claimed", path, exc.strerror or exc)
+        except OSError as exc:  # said once already, by the start's check or the warning
+            log.debug("cannot lock %s (%s): not claimed", path, exc.strerror or exc)
             return
         deadline = time.monotonic() + wait_s
         while True:
