@@ -525,6 +525,16 @@ async def test_a_listing_that_cannot_be_read_is_never_passed_whole(k: Keyed) -> 
     assert "could not be read to list only the models of API key 'team-a'" in r.json()["error"]
     r = await k.client.get("/proxy/b/v1/models", headers=bearer(secret))
     assert r.status_code == 502 and r.json()["error"]["code"] == "listing_unreadable"
+
+    async def cut(seen: Seen, reply: Reply) -> None:  # the worker hangs up mid-listing
+        await reply.head(200, "application/json")
+        await reply.chunk(b'{"models": [{"name": "llama3:latest"}')
+        reply.close()
+
+    k.rig.upstreams["b"].handler = cut
+    r = await k.client.get("/proxy/b/api/tags", headers=bearer(secret))
+    assert r.status_code == 502 and "llama3" not in r.text, r.text
+    assert "worker b (port" in r.json()["error"]
     assert (await k.client.get("/panel/requests", headers=bearer(k.token))).json()["requests"] == []
 
 

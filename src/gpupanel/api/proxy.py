@@ -652,7 +652,11 @@ class Proxy:
             ]
             entry.status = upstream.status
             if within is not None and upstream.status == 200:
-                listing = within.body(await upstream.read(), out, entry)
+                try:
+                    whole = await upstream.read()
+                except UpstreamError as exc:  # nothing sent yet
+                    raise _UpstreamFailed(str(exc)) from None
+                listing = within.body(whole, out, entry)
                 out = [(k, v) for k, v in out if k not in _LENGTHS]
                 out.append((b"content-length", b"%d" % len(listing)))
                 await send({"type": "http.response.start", "status": 200, "headers": out})

@@ -534,10 +534,11 @@ class ControlPlane:
         store = self.node.store
         try:
             await asyncio.to_thread(store.claim, self.url, self.claim_wait_s)
+            app, close_app = self.app_factory(self.plane)
         except BaseException:
+            store.release()
             sock.close()
             raise
-        app, close_app = self.app_factory(self.plane)
         limits = self.http_limits
         server = _Server(
             uvicorn.Config(
