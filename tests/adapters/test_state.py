@@ -278,3 +278,15 @@ def test_a_state_dir_that_cannot_be_made_is_not_claimed(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     StateStore(blocker / "gpupanel").claim("http://127.0.0.1:1")  # no error: nothing to hold
+
+
+def test_the_holder_is_read_without_touching_the_lock(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    assert store.holder() is None  # no lock file: nothing made
+    assert not (tmp_path / LOCK_FILE).exists()
+    plane = StateStore(tmp_path)
+    plane.claim("http://127.0.0.1:8765")
+    assert store.holder() == f"pid {os.getpid()}, serving http://127.0.0.1:8765"
+    plane.claim("http://127.0.0.1:8765")  # still its own: reading took nothing
+    plane.release()
+    assert store.holder() is None  # the file stays, unlocked

@@ -379,6 +379,19 @@ def test_a_writable_state_dir_is_ok_and_made_if_missing(tmp_path: Path) -> None:
     assert directory.is_dir()
 
 
+def test_a_state_dir_in_use_names_its_control_plane(tmp_path: Path) -> None:
+    plane = StateStore(tmp_path)
+    plane.claim("http://127.0.0.1:8765")
+    try:
+        check = doctor.check_state_dir(tmp_path)
+    finally:
+        plane.release()
+    assert check.verdict == OK
+    assert check.found.endswith(
+        f"; in use by the control plane of pid {os.getpid()}, serving http://127.0.0.1:8765)"
+    )
+
+
 def test_a_state_dir_under_a_file_fails(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     directory = tmp_path / "file" / "gpupanel"

@@ -243,6 +243,31 @@ class StateStore:
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "url": url}).encode(), 0)
         self._lock = fd
 
+    def holder(self) -> str | None:
+        """The control plane holding this directory (`pid N, serving URL`), None if none
+        does; read-only (the kernel's /proc/locks, then the lock file), for `gpupanel
+        doctor`. None too where that cannot be read."""
+        path = self.directory / LOCK_FILE
+        try:
+            st = path.stat()
+            locks = Path("/proc/locks").read_text()
+        except OSError:
+            return None
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        if not any(
+            "FLOCK" in fields and inode in fields and "->" not in fields
+            for fields in (line.split() for line in locks.splitlines())
+        ):
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return "its pid unknown"
+        try:
+            return _holder(fd)
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         """Let go of the claim (idempotent); the file stays, naming no one once unlocked."""
         if self._lock is not None:

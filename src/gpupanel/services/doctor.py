@@ -471,7 +471,11 @@ def check_state_dir(directory: Path) -> Check:
             "in [panel] of gpupanel.toml, or $XDG_STATE_HOME",
         )
     records = store.peek()
-    return Check("state dir", OK, f"{directory} is writable ({len(records)} worker(s) recorded)")
+    holder = store.holder()
+    used = "" if holder is None else f"; in use by the control plane of {holder}"
+    return Check(
+        "state dir", OK, f"{directory} is writable ({len(records)} worker(s) recorded{used})"
+    )
 
 
 def check_gpu_processes(view: GpuView, store: StateStore) -> Check:
